@@ -1,0 +1,147 @@
+"""A minimal, strict safetensors reader built on ``numpy.memmap``.
+
+Why not ``safetensors.numpy``: it has no bfloat16 and reads whole tensors. Memory-mapping lets
+each host read only the slices its devices own, so a 7B checkpoint never sits unsharded in one
+host's memory. Every structural problem (missing file, truncated data, bad header) is reported
+with the file and tensor it concerns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read as it is; the message says what to fix."""
+
+
+class SafetensorsFile:
+    """Lazy tensors of one ``.safetensors`` file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"safetensors file {self.path} does not exist")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path} is not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise CheckpointError(
+                    f"{self.path} is corrupt: header length {n} exceeds the file size {size}"
+                )
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(
+                    f"{self.path} is corrupt: its header is not valid JSON ({e})"
+                ) from e
+        header.pop("__metadata__", None)
+        self._start = 8 + n
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, entry in header.items():
+            dtype = DTYPES.get(entry.get("dtype"))
+            if dtype is None:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}"
+                )
+            begin, end = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+            expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            if end - begin != expected or self._start + end > size:
+                raise CheckpointError(
+                    f"{self.path} is corrupt or truncated: tensor {name!r} {shape} needs bytes "
+                    f"{self._start + begin}..{self._start + end} of a {size}-byte file"
+                )
+            self._entries[name] = (np.dtype(dtype), shape, begin, end)
+        self._mmap: np.memmap | None = None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def get(self, name: str) -> np.ndarray:
+        """A read-only memory-mapped view; slicing it reads only the touched pages."""
+        if self._mmap is None:
+            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        dtype, shape, begin, end = self._entries[name]
+        raw = self._mmap[self._start + begin : self._start + end]
+        return raw.view(dtype).reshape(shape)
+
+
+class CheckpointReader:
+    """All tensors of an HF checkpoint directory (single file, or shards with an index)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        index = self.directory / INDEX_FILE
+        self._where: dict[str, SafetensorsFile] = {}
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from e
+            files = {
+                name: SafetensorsFile(self.directory / name)
+                for name in sorted(set(weight_map.values()))
+            }
+            for tensor, file in weight_map.items():
+                if tensor not in files[file]._entries:
+                    raise CheckpointError(
+                        f"{index} lists {tensor!r} in {file}, but that file does not hold it"
+                    )
+                self._where[tensor] = files[file]
+        elif (self.directory / SINGLE_FILE).is_file():
+            single = SafetensorsFile(self.directory / SINGLE_FILE)
+            self._where = dict.fromkeys(single.keys(), single)
+        else:
+            found = sorted(p.name for p in self.directory.glob("*.safetensors"))
+            if not found:
+                raise CheckpointError(
+                    f"no safetensors weights in {self.directory}: expected {SINGLE_FILE} or "
+                    f"{INDEX_FILE} with its shards (.bin/.pt checkpoints are not read; "
+                    "re-save them with save_pretrained(..., safe_serialization=True))"
+                )
+            for file in found:
+                st = SafetensorsFile(self.directory / file)
+                for name in st.keys():
+                    self._where[name] = st
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._where[name].shape(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._where[name].get(name)
