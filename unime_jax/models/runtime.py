@@ -69,7 +69,8 @@ def image_inputs(
     return {"pixel_values": tiles, "image_index": index, "image_weight": weight}
 
 
-def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+    """Appends all-zero rows (attention mask 0: ignored, sliced off by callers)."""
     if array.shape[0] == rows:
         return array
     pad = np.zeros((rows - array.shape[0], *array.shape[1:]), array.dtype)
@@ -129,7 +130,7 @@ class EmbeddingModel:
         dp = sharding.data_parallel_size(self.mesh)
         padded = -(-rows // dp) * dp
         device_batch = sharding.put_batch(
-            {k: _pad_rows(v, padded) for k, v in batch.items()}, self.mesh
+            {k: pad_rows(v, padded) for k, v in batch.items()}, self.mesh
         )
         out = self._forward(self.state, device_batch, pool)
         return np.asarray(jax.device_get(out))[:rows]
