@@ -79,7 +79,7 @@ def test_processor_errors(embedder):
         p([p.image_prompt()])
     with pytest.raises(ValueError, match="2 prompts but 1 images"):
         p(["a", "b"], [None])
-    with pytest.raises(FileNotFoundError, match="does-not-exist.jpg"):
+    with pytest.raises(FileNotFoundError, match=r"does-not-exist\.jpg"):
         p([p.image_prompt()], ["/nowhere/does-not-exist.jpg"])
     with pytest.raises(ValueError, match="exceeds the largest length bucket"):
         bucket_length(10**6)
