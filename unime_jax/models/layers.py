@@ -42,7 +42,8 @@ def param(
 
 
 class Linear(nnx.Module):
-    """``y = x @ kernel (+ bias)``; optional low-rank adapter slots are added by LoRA later."""
+    """``y = x @ kernel (+ bias)``, plus a low-rank adapter once :func:`unime_jax.models.lora.apply_lora`
+    has attached ``lora_a`` / ``lora_b`` (dropout on the adapter input when a ``key`` is given)."""
 
     def __init__(
         self,
@@ -56,12 +57,27 @@ class Linear(nnx.Module):
     ):
         self.kernel = param(rngs, (d_in, d_out), axes, dtype=dtype)
         self.bias = param(rngs, (d_out,), (axes[1],), dtype=dtype, init="zeros") if bias else None
+        # Adapter slots are declared as data now so apply_lora can fill them later.
+        self.lora_a, self.lora_b = nnx.data(None), nnx.data(None)
+        self.lora_scale = self.lora_dropout = 0.0
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         y = x @ self.kernel[...].astype(x.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
+        if self.lora_a is not None:
+            h = x
+            if key is not None and self.lora_dropout > 0:
+                keep = jax.random.bernoulli(key, 1.0 - self.lora_dropout, h.shape)
+                h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(x.dtype)
+            low = h @ self.lora_a[...].astype(x.dtype)
+            y = y + (low @ self.lora_b[...].astype(x.dtype)) * self.lora_scale
         return y
+
+
+def subkey(key: jax.Array | None, i: int) -> jax.Array | None:
+    """A distinct, deterministic key per submodule (None stays None: no dropout)."""
+    return None if key is None else jax.random.fold_in(key, i)
 
 
 class RMSNorm(nnx.Module):
@@ -159,13 +175,22 @@ def stacked(num_layers: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.R
     return create(rngs)
 
 
-def scan_layers(layers: nnx.Module, h: jax.Array, *args, remat: bool = False) -> jax.Array:
-    """Applies stacked layers in sequence with ``lax.scan`` (pure: split, then merge per step)."""
-    graphdef, state = nnx.split(layers)
+def scan_layers(
+    layers: nnx.Module, h: jax.Array, *args, key: jax.Array | None = None, remat: bool = False
+) -> jax.Array:
+    """Applies stacked layers in sequence with ``lax.scan`` (pure: split, then merge per step).
 
-    def body(carry, layer_state):
-        return nnx.merge(graphdef, layer_state)(carry, *args), None
+    Each layer is called as ``layer(h, *args, key=layer_key)``; with a ``key`` every layer gets
+    its own dropout key, without one no key is passed (deterministic forward).
+    """
+    graphdef, state = nnx.split(layers)
+    num_layers = jax.tree.leaves(state)[0].shape[0]
+    keys = None if key is None else jax.random.split(key, num_layers)
+
+    def body(carry, xs):
+        layer_state, layer_key = xs
+        return nnx.merge(graphdef, layer_state)(carry, *args, key=layer_key), None
 
     if remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    return jax.lax.scan(body, h, state)[0]
+    return jax.lax.scan(body, h, (state, keys))[0]

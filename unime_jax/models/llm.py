@@ -21,6 +21,7 @@ from unime_jax.models.layers import (
     rope_tables,
     scan_layers,
     stacked,
+    subkey,
 )
 
 
@@ -51,13 +52,13 @@ class SelfAttention(nnx.Module):
         )
         self.cfg = cfg
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, key=None):
         b, t, _ = x.shape
-        hd = self.cfg.head_dim
-        q = apply_rope(self.q_proj(x).reshape(b, t, self.cfg.num_heads, hd), cos, sin)
-        k = apply_rope(self.k_proj(x).reshape(b, t, self.cfg.num_kv_heads, hd), cos, sin)
-        v = self.v_proj(x).reshape(b, t, self.cfg.num_kv_heads, hd)
-        return self.o_proj(attention(q, k, v, mask).reshape(b, t, -1))
+        hd, heads, kv = self.cfg.head_dim, self.cfg.num_heads, self.cfg.num_kv_heads
+        q = apply_rope(self.q_proj(x, subkey(key, 0)).reshape(b, t, heads, hd), cos, sin)
+        k = apply_rope(self.k_proj(x, subkey(key, 1)).reshape(b, t, kv, hd), cos, sin)
+        v = self.v_proj(x, subkey(key, 2)).reshape(b, t, kv, hd)
+        return self.o_proj(attention(q, k, v, mask).reshape(b, t, -1), subkey(key, 3))
 
 
 class GatedMLP(nnx.Module):
@@ -70,8 +71,9 @@ class GatedMLP(nnx.Module):
         self.down_proj = Linear(f, d, ("mlp", "embed"), bias=bias, rngs=rngs, dtype=dtype)
         self.act = activation(cfg.hidden_act)
 
-    def __call__(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x, key=None):
+        hidden = self.act(self.gate_proj(x, subkey(key, 0))) * self.up_proj(x, subkey(key, 1))
+        return self.down_proj(hidden, subkey(key, 2))
 
 
 class DecoderLayer(nnx.Module):
@@ -81,9 +83,9 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, dtype=dtype)
         self.mlp = GatedMLP(cfg, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.attn(self.input_norm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attn_norm(x))
+    def __call__(self, x, cos, sin, mask, key=None):
+        x = x + self.attn(self.input_norm(x), cos, sin, mask, subkey(key, 0))
+        return x + self.mlp(self.post_attn_norm(x), subkey(key, 1))
 
 
 def causal_padding_mask(attention_mask: jax.Array, sliding_window: int | None = None) -> jax.Array:
@@ -116,11 +118,13 @@ class DecoderLM(nnx.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens[...], input_ids, axis=0)
 
-    def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """Final hidden states after the final norm, (B, T, D)."""
+    def __call__(
+        self, inputs_embeds: jax.Array, attention_mask: jax.Array, key: jax.Array | None = None
+    ) -> jax.Array:
+        """Final hidden states after the final norm, (B, T, D); ``key`` drives LoRA dropout."""
         cos, sin = rope_tables(
             positions_from_mask(attention_mask), self.cfg.head_dim, self.cfg.rope_theta
         )
         mask = causal_padding_mask(attention_mask, self.cfg.sliding_window)
-        h = scan_layers(self.layers, inputs_embeds, cos, sin, mask, remat=self.remat)
+        h = scan_layers(self.layers, inputs_embeds, cos, sin, mask, key=key, remat=self.remat)
         return self.norm(h)

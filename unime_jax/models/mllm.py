@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unime_jax.models.config import LlavaConfig
-from unime_jax.models.layers import Linear, activation, param
+from unime_jax.models.layers import Linear, activation, param, subkey
 from unime_jax.models.llm import DecoderLM
 from unime_jax.models.vision import VisionTower
 
@@ -35,8 +35,8 @@ class Projector(nnx.Module):
         self.linear_2 = Linear(d_text, d_text, ("mlp", "embed"), bias=bias, rngs=rngs, dtype=dtype)
         self.act = activation(act)
 
-    def __call__(self, x):
-        return self.linear_2(self.act(self.linear_1(x)))
+    def __call__(self, x, key=None):
+        return self.linear_2(self.act(self.linear_1(x, subkey(key, 0))), subkey(key, 1))
 
 
 class LlavaModel(nnx.Module):
@@ -55,25 +55,27 @@ class LlavaModel(nnx.Module):
         )
         self.image_newline = param(rngs, (d,), ("embed",), dtype=dtype)
 
-    def tile_features(self, pixel_values: jax.Array) -> jax.Array:
+    def tile_features(self, pixel_values: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """(B, M, C, H, W) -> projected tile features + newline row, (B, M*P + 1, D)."""
         b, m = pixel_values.shape[:2]
-        feats = self.vision(pixel_values.reshape(b * m, *pixel_values.shape[2:]))
+        feats = self.vision(pixel_values.reshape(b * m, *pixel_values.shape[2:]), subkey(key, 0))
         if self.cfg.select_strategy == "default":  # drop the class token
             feats = feats[:, 1:]
-        feats = self.projector(feats).reshape(b, -1, self.cfg.text.hidden_size)
+        feats = self.projector(feats, subkey(key, 1)).reshape(b, -1, self.cfg.text.hidden_size)
         newline = jnp.broadcast_to(
             self.image_newline[...].astype(feats.dtype), (b, 1, feats.shape[-1])
         )
         return jnp.concatenate([feats, newline], axis=1)
 
-    def input_embeddings(self, input_ids, pixel_values=None, image_index=None, image_weight=None):
+    def input_embeddings(
+        self, input_ids, pixel_values=None, image_index=None, image_weight=None, key=None
+    ):
         text = self.llm.embed(input_ids)
         if pixel_values is None:
             return text
         if self.vision is None:
             raise ValueError("this model was built text-only; it cannot take pixel_values")
-        feats = self.tile_features(pixel_values).astype(text.dtype)
+        feats = self.tile_features(pixel_values, key).astype(text.dtype)
         gather = jax.vmap(lambda f, i: f[i])  # per example: (R, D)[(T,)] -> (T, D)
         packed = sum(
             image_weight[..., j, None].astype(text.dtype) * gather(feats, image_index[..., j])
@@ -83,11 +85,22 @@ class LlavaModel(nnx.Module):
         return jnp.where(is_image, packed, text)
 
     def __call__(
-        self, input_ids, attention_mask, pixel_values=None, image_index=None, image_weight=None
+        self,
+        input_ids,
+        attention_mask,
+        pixel_values=None,
+        image_index=None,
+        image_weight=None,
+        dropout_key=None,
     ):
-        """Final-layer hidden states after the final norm, (B, T, D)."""
-        embeds = self.input_embeddings(input_ids, pixel_values, image_index, image_weight)
-        return self.llm(embeds, attention_mask)
+        """Final-layer hidden states after the final norm, (B, T, D).
+
+        ``dropout_key`` enables LoRA dropout (training); without it the forward is deterministic.
+        """
+        embeds = self.input_embeddings(
+            input_ids, pixel_values, image_index, image_weight, subkey(dropout_key, 0)
+        )
+        return self.llm(embeds, attention_mask, subkey(dropout_key, 1))
 
 
 def last_token_pool(

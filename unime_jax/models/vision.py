@@ -20,6 +20,7 @@ from unime_jax.models.layers import (
     param,
     scan_layers,
     stacked,
+    subkey,
 )
 
 
@@ -33,11 +34,13 @@ class VisionAttention(nnx.Module):
         self.out_proj = Linear(d, d, axes_out, bias=True, rngs=rngs, dtype=dtype)
         self.num_heads = cfg.num_heads
 
-    def __call__(self, x):
+    def __call__(self, x, key=None):
         n, t, d = x.shape
         split = lambda y: y.reshape(n, t, self.num_heads, d // self.num_heads)  # noqa: E731
-        out = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), None)
-        return self.out_proj(out.reshape(n, t, d))
+        q = split(self.q_proj(x, subkey(key, 0)))
+        k = split(self.k_proj(x, subkey(key, 1)))
+        v = split(self.v_proj(x, subkey(key, 2)))
+        return self.out_proj(attention(q, k, v, None).reshape(n, t, d), subkey(key, 3))
 
 
 class VisionMLP(nnx.Module):
@@ -47,8 +50,8 @@ class VisionMLP(nnx.Module):
         self.fc2 = Linear(f, d, ("vision_mlp", "vision_embed"), bias=True, rngs=rngs, dtype=dtype)
         self.act = activation(cfg.hidden_act)
 
-    def __call__(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+    def __call__(self, x, key=None):
+        return self.fc2(self.act(self.fc1(x, subkey(key, 0))), subkey(key, 1))
 
 
 class VisionLayer(nnx.Module):
@@ -58,9 +61,9 @@ class VisionLayer(nnx.Module):
         self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs, dtype=dtype)
         self.mlp = VisionMLP(cfg, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x):
-        x = x + self.attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+    def __call__(self, x, key=None):
+        x = x + self.attn(self.layer_norm1(x), subkey(key, 0))
+        return x + self.mlp(self.layer_norm2(x), subkey(key, 1))
 
 
 class VisionTower(nnx.Module):
@@ -95,7 +98,7 @@ class VisionTower(nnx.Module):
         x = pixels.reshape(n, c, h // p, p, w // p, p).transpose(0, 2, 4, 1, 3, 5)
         return x.reshape(n, (h // p) * (w // p), c * p * p)
 
-    def __call__(self, pixels: jax.Array) -> jax.Array:
+    def __call__(self, pixels: jax.Array, key: jax.Array | None = None) -> jax.Array:
         x = self.patch_embed(self.patchify(pixels.astype(self.patch_embed.kernel.dtype)))
         if self.class_embed is not None:
             cls = jnp.broadcast_to(
@@ -105,4 +108,4 @@ class VisionTower(nnx.Module):
         x = x + self.position_embed[...].astype(x.dtype)
         if self.pre_norm is not None:
             x = self.pre_norm(x)
-        return scan_layers(self.layers, x, remat=self.remat)
+        return scan_layers(self.layers, x, key=key, remat=self.remat)

@@ -21,10 +21,16 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from unime_jax import sharding
-from unime_jax.models.config import LlavaConfig
+from unime_jax.models.config import ConfigError, LlavaConfig
 from unime_jax.models.mllm import LlavaModel
 from unime_jax.models.runtime import EmbeddingModel
-from unime_jax.weights.name_maps import VISION_PREFIXES, canonical_name, match, skip_reason
+from unime_jax.weights.name_maps import (
+    VISION_PREFIXES,
+    canonical_name,
+    match,
+    skip_reason,
+    source_name,
+)
 from unime_jax.weights.safetensors_io import CheckpointError, CheckpointReader
 
 log = logging.getLogger(__name__)
@@ -36,7 +42,12 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     name = str(path_or_id)
-    if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
+    if path.exists():
+        raise CheckpointError(
+            f"checkpoint path {name} is a file, not a directory; pass the directory that "
+            "holds config.json and the *.safetensors files"
+        )
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointError(f"checkpoint directory {name} does not exist")
     try:
         from huggingface_hub import snapshot_download
@@ -44,10 +55,12 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
         patterns = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as e:  # network errors come in many types; the advice is the same
+        local = f"/path/to/{name.split('/')[-1]}"
         raise CheckpointError(
             f"{name!r} is not a local directory and could not be fetched from the HF hub ({e}). "
-            f"On a machine with network access run `huggingface-cli download {name} "
-            f"--local-dir /path/to/{name.split('/')[-1]}` and pass that directory instead."
+            f"On a machine with network access run `hf download {name} --local-dir {local}` "
+            f"(older huggingface_hub: `huggingface-cli download {name} --local-dir {local}`), "
+            "copy that directory here and pass its path instead."
         ) from e
 
 
@@ -56,9 +69,29 @@ def read_config(directory: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{directory} has no config.json; is it an HF model directory?")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{path} is not an HF config: it holds a JSON {type(config).__name__}"
+        )
+    return config
+
+
+def parse_config(directory: str | os.PathLike) -> LlavaConfig:
+    """``config.json`` as a :class:`LlavaConfig`; errors name the file."""
+    path = Path(directory) / "config.json"
+    raw = read_config(directory)
+    try:
+        cfg = LlavaConfig.from_hf(raw)
+        if cfg.vision is not None:
+            cfg.vision_layers_used  # noqa: B018 -- validates vision_feature_layer now
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    except KeyError as e:
+        raise ConfigError(f"{path} lacks the required key {e}") from e
+    return cfg
 
 
 def _transform(array: np.ndarray, transform: str | None) -> np.ndarray:
@@ -70,12 +103,29 @@ def _transform(array: np.ndarray, transform: str | None) -> np.ndarray:
     return array
 
 
+def _checkpoint_shape(expected: tuple[int, ...], transform: str | None) -> str:
+    """The shape a checkpoint tensor must have to become a parameter of shape ``expected``."""
+    if transform == "T":
+        return str(tuple(reversed(expected)))
+    if transform == "conv":
+        return f"({expected[1]}, C, p, p) with C*p*p = {expected[0]}"
+    return str(tuple(expected))
+
+
 def _assign(
-    reader: CheckpointReader, flat_abstract: dict, text_only: bool, vision_layers: int | None
+    reader: CheckpointReader,
+    flat_abstract: dict,
+    text_only: bool,
+    vision_layers: int | None,
+    vision_total: int | None = None,
 ):
-    """Maps every checkpoint tensor to (param path, layer) or a logged skip; strict both ways."""
+    """Maps every checkpoint tensor to (param path, layer) or a logged skip; strict both ways.
+
+    ``vision_layers``: vision layers the model builds; ``vision_total``: layers in config.json
+    (checkpoint layers in between are skipped, beyond it they are an error).
+    """
     sources: dict[tuple, dict[int | None, tuple[str, str | None]]] = collections.defaultdict(dict)
-    skipped: collections.Counter = collections.Counter()
+    skipped: dict[str, list[str]] = collections.defaultdict(list)
     unexpected = []
     for name in reader:
         canon = canonical_name(name)
@@ -90,9 +140,14 @@ def _assign(
             and vision_layers is not None
             and m.layer >= vision_layers
         ):
+            if vision_total is not None and m.layer >= vision_total:
+                raise CheckpointError(
+                    f"tensor {name!r} is vision layer {m.layer}, but config.json has "
+                    f"{vision_total} vision layers; does config.json belong to these weights?"
+                )
             reason, m = "vision layers after vision_feature_layer never reach the features", None
         if reason is not None:
-            skipped[reason] += 1
+            skipped[reason].append(name)
             continue
         if m is None or m.target not in flat_abstract:
             unexpected.append(name)
@@ -104,15 +159,20 @@ def _assign(
             continue
         if stacked and m.layer >= var.shape[0]:
             raise CheckpointError(
-                f"tensor {name!r} is layer {m.layer}, but the config has {var.shape[0]} layers"
-            )
-        expected = var.shape[1:] if stacked else var.shape
-        got = _transform(np.empty(reader.shape(name), np.uint8), m.transform).shape
-        if tuple(got) != tuple(expected):
-            raise CheckpointError(
-                f"tensor {name!r} has shape {reader.shape(name)}; config.json implies "
-                f"{tuple(expected)} for {'/'.join(m.target)} (after layout change); "
+                f"tensor {name!r} is layer {m.layer}, but config.json has {var.shape[0]} layers; "
                 "does config.json belong to these weights?"
+            )
+        expected = tuple(var.shape[1:] if stacked else var.shape)
+        shape = tuple(reader.shape(name))
+        try:
+            got = tuple(_transform(np.empty(shape, np.uint8), m.transform).shape)
+        except ValueError:  # e.g. a conv weight that is not 4-D
+            got = None
+        if got != expected:
+            raise CheckpointError(
+                f"tensor {name!r} has shape {shape}, but config.json implies "
+                f"{_checkpoint_shape(expected, m.transform)} (parameter {'/'.join(m.target)} "
+                f"{expected}); does config.json belong to these weights?"
             )
         if m.layer in sources[m.target]:
             other = sources[m.target][m.layer][0]
@@ -129,17 +189,19 @@ def _assign(
     for path, var in flat_abstract.items():
         stacked = "layers" in (var.get_metadata().get("out_sharding") or ())
         wanted = range(var.shape[0]) if stacked else [None]
-        missing += [
-            f"{'/'.join(path)}" + ("" if i is None else f"[layer {i}]")
-            for i in wanted
-            if i not in sources[path]
-        ]
+        for i in wanted:
+            if i not in sources[path]:
+                item = "/".join(path) + ("" if i is None else f"[layer {i}]")
+                missing.append(f"{item} <- {source_name(path, i) or '?'}")
     if missing:
         raise CheckpointError(
-            f"{len(missing)} parameter(s) missing from {reader.directory}: {missing[:10]}"
+            f"{len(missing)} parameter(s) missing from {reader.directory} (parameter <- "
+            "checkpoint tensor, named without its layout prefix such as model. or "
+            f"language_model.model.): {missing[:10]}"
         )
-    for reason, count in skipped.items():
-        log.info("skipped %d checkpoint tensor(s): %s", count, reason)
+    for reason, names in skipped.items():
+        shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+        log.info("skipped %d checkpoint tensor(s) (%s): %s", len(names), shown, reason)
     return sources
 
 
@@ -150,7 +212,8 @@ def load_state(directory, cfg: LlavaConfig, mesh: Mesh, dtype=jnp.float32, remat
     graphdef, abstract_state = nnx.split(abstract)
     flat = dict(abstract_state.flat_state())
     vision_layers = cfg.vision_layers_used if cfg.vision is not None else None
-    sources = _assign(reader, flat, cfg.vision is None, vision_layers)
+    vision_total = cfg.vision.num_layers if cfg.vision is not None else None
+    sources = _assign(reader, flat, cfg.vision is None, vision_layers, vision_total)
     shardings = dict(sharding.state_shardings(abstract_state, mesh).flat_state())
 
     def fill(path, var):
@@ -202,7 +265,7 @@ def load_pretrained(
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
     directory = resolve_checkpoint(path)
-    cfg = LlavaConfig.from_hf(read_config(directory))
+    cfg = parse_config(directory)
     if text_only:
         cfg = cfg.text_only()
     mesh = mesh or sharding.make_mesh()

@@ -140,6 +140,25 @@ def match(name: str, rules=LLAVA_RULES) -> Match | None:
     return None
 
 
+def source_name(target: tuple[str, ...], layer: int | None, rules=LLAVA_RULES) -> str | None:
+    """The canonical checkpoint name that ``match`` maps to ``target`` (and ``layer``), for
+    error messages; None when no rule produces ``target``."""
+    path = "/".join(target)
+    for rule in rules:
+        template = re.escape(rule.target).replace(r"\{", "{").replace(r"\}", "}")
+        regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template)
+        m = re.fullmatch(regex, path)
+        if m is None or (("(?P<layer>" in rule.pattern) != (layer is not None)):
+            continue
+        groups = {**m.groupdict(), "layer": str(layer)}
+        name = re.sub(r"\(\?P<(\w+)>[^)]*\)", lambda g, v=groups: v[g.group(1)], rule.pattern)
+        name = name.replace("\\", "")
+        back = match(name, rules)
+        if back is not None and back.target == tuple(target):
+            return name
+    return None
+
+
 def skip_reason(name: str, skips=LLAVA_SKIPS) -> str | None:
     for pattern, reason in skips:
         if re.fullmatch(pattern, name):

@@ -61,19 +61,27 @@ class SafetensorsFile:
                 raise CheckpointError(
                     f"{self.path} is corrupt: its header is not valid JSON ({e})"
                 ) from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path} is corrupt: its header is not a JSON object")
         header.pop("__metadata__", None)
         self._start = 8 + n
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
-            dtype = DTYPES.get(entry.get("dtype"))
+            try:
+                dtype = DTYPES.get(entry.get("dtype"))
+                begin, end = (int(x) for x in entry["data_offsets"])
+                shape = tuple(int(d) for d in entry["shape"])
+            except (AttributeError, KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(
+                    f"{self.path} is corrupt: header entry of tensor {name!r} is malformed "
+                    f"({entry!r})"
+                ) from e
             if dtype is None:
                 raise CheckpointError(
                     f"{self.path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}"
                 )
-            begin, end = entry["data_offsets"]
-            shape = tuple(entry["shape"])
             expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            if end - begin != expected or self._start + end > size:
+            if begin < 0 or end - begin != expected or self._start + end > size:
                 raise CheckpointError(
                     f"{self.path} is corrupt or truncated: tensor {name!r} {shape} needs bytes "
                     f"{self._start + begin}..{self._start + end} of a {size}-byte file"
@@ -106,12 +114,23 @@ class CheckpointReader:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from e
-            files = {
-                name: SafetensorsFile(self.directory / name)
-                for name in sorted(set(weight_map.values()))
-            }
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({e!r})") from e
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()
+            ):
+                raise CheckpointError(
+                    f"{index} is not a valid safetensors index: weight_map must map tensor "
+                    "names to shard file names"
+                )
+            files = {}
+            for name in sorted(set(weight_map.values())):
+                if not (self.directory / name).is_file():
+                    raise CheckpointError(
+                        f"{index} refers to shard {name}, which is not in {self.directory}; "
+                        "the download is incomplete (fetch every model-*.safetensors file)"
+                    )
+                files[name] = SafetensorsFile(self.directory / name)
             for tensor, file in weight_map.items():
                 if tensor not in files[file]._entries:
                     raise CheckpointError(
@@ -132,6 +151,12 @@ class CheckpointReader:
             for file in found:
                 st = SafetensorsFile(self.directory / file)
                 for name in st.keys():
+                    if name in self._where:
+                        raise CheckpointError(
+                            f"tensor {name!r} is in both {self._where[name].path.name} and "
+                            f"{file} in {self.directory}, and there is no {INDEX_FILE} to say "
+                            "which to use"
+                        )
                     self._where[name] = st
 
     def __iter__(self) -> Iterator[str]:
