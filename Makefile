@@ -3,21 +3,33 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt
+$(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+
+# Runtime only (what a TPU host needs): no torch.
+$(VENV)/.runtime: requirements.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+# Tests, parity references (torch CPU), linting.
+$(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
 .PHONY: setup lint test demo bench
-setup: $(BIN)/.installed
+setup: $(VENV)/.dev
 
-lint: setup
+lint: $(VENV)/.dev
 	$(BIN)/ruff check unime_jax tests configs benchmarks
 	$(BIN)/ruff format --check unime_jax tests configs benchmarks
 
 test: lint
 	$(BIN)/python -m pytest -q -ra
 
-bench: setup
+demo: $(VENV)/.runtime
+	$(BIN)/python -m unime_jax.main --config=configs/stage2.py:demo --workdir=runs/demo
+
+bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/embed_throughput.py

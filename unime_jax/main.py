@@ -1,0 +1,56 @@
+"""Entry point: ``python -m unime_jax.main --config=configs/stage2.py[:preset] --workdir=DIR``.
+
+Overrides use ml_collections syntax, e.g. ``--config.lr=2e-5 --config.mesh.tensor=4``.
+On a multi-host TPU slice every host runs the same command (see tpu_scripts/).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A configs/*.py file, optionally :preset."
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", None, "Call jax.distributed.initialize() (default: on TPU with several hosts)."
+)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    cfg = _CONFIG.value
+    if cfg is None or not _WORKDIR.value:
+        raise app.UsageError("--config and --workdir are required")
+    distributed = _DISTRIBUTED.value
+    if distributed is None:
+        distributed = (
+            "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+        )
+    if distributed:
+        jax.distributed.initialize()
+    cache = os.path.expanduser("~/.cache/unime_jax/jax")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    if cfg.stage == 1:
+        from unime_jax import train_stage1
+
+        train_stage1.run(cfg, _WORKDIR.value)
+    elif cfg.stage == 2:
+        from unime_jax import train
+
+        train.run(cfg, _WORKDIR.value)
+    else:
+        raise app.UsageError(f"unknown stage {cfg.stage}")
+
+
+if __name__ == "__main__":
+    app.run(main)
