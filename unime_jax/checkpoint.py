@@ -60,10 +60,19 @@ class Checkpointer:
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs with target shardings, for a sharded restore without a host copy."""
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )
+    """ShapeDtypeStructs with target shardings, for a sharded restore without a host copy.
+
+    ``shardings`` may be a prefix of ``tree`` (as jit's in_shardings may), e.g. one sharding in
+    place of an NNX Variable node.
+    """
+    is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+    prefix_leaves, prefix_def = jax.tree.flatten(shardings, is_leaf=is_sharding)
+    subtrees = prefix_def.flatten_up_to(tree)
+    abstract = [
+        jax.tree.map(lambda x, s=s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub)
+        for s, sub in zip(prefix_leaves, subtrees)
+    ]
+    return prefix_def.unflatten(abstract)
 
 
 class PreemptionFlag:

@@ -163,8 +163,11 @@ def run(cfg, workdir: str) -> dict:
         log.info("resumed from step %d", start)
 
     results_path = os.path.join(workdir, "results.json")
-    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
-    is_demo = cfg.model == "demo"
+    results = {}
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            results = json.load(f)
+    is_demo = cfg.model == "demo" and cfg.demo_eval_size > 0
     if is_demo and "before" not in results:
         results["before"] = demo.evaluate(
             embedder_for(graphdef, state.trainable, frozen, module.cfg, processor, mesh, max_tiles),

@@ -1,0 +1,183 @@
+"""Gradient caching (GradCache) for contrastive losses over a big global batch.
+
+A contrastive loss couples every query with every target of the global batch, so it cannot be
+split into independent micro-batches the way a per-example loss can. GradCache (Gao et al.
+2021) keeps the exact full-batch gradient with activation memory bounded by one chunk:
+
+1. embed every chunk of queries and targets with no activations kept (``lax.scan`` whose
+   body returns only embeddings);
+2. compute the loss and ``d loss / d embeddings`` on the full ``(N, D)`` embeddings — cheap,
+   only ``O(N·D)`` and the ``O(N²)`` similarity matrix;
+3. re-run every chunk forward+backward with ``jax.vjp``, feeding it its slice of the
+   embedding gradient, and sum the parameter gradients in a float32 scan carry.
+
+By the chain rule ``d loss / d params = Σ_chunks (d emb_chunk / d params)ᵀ · d loss / d emb_chunk``
+is exactly the full-batch gradient, provided both passes see the same per-chunk randomness
+(dropout), see :func:`chunk_key`.
+
+Everything is pure JAX, meant to live inside one ``jax.jit``-ed train step whose batch arrays
+are sharded on their leading axis over ``("data", "fsdp")``. Chunks are *interleaved* (chunk
+``j`` = rows ``j, j+c, j+2c, …``) rather than contiguous: with rows split contiguously over
+devices, a contiguous chunk would live on one or two devices and leave the rest idle (or force
+a reshard), whereas an interleaved chunk takes ``N / (c · dp)`` rows from every device, so each
+scan step is data-parallel over the whole mesh with no communication for the slicing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+PyTree = Any
+# encode(params, inputs_chunk, key) -> (n, D) float32 embeddings.
+EncodeFn = Callable[[PyTree, PyTree, jax.Array], jax.Array]
+# loss_fn(query_emb, target_emb) -> (loss, aux), or just loss when has_aux=False.
+LossFn = Callable[[jax.Array, jax.Array], Any]
+
+# Side ids folded into the step key, so queries and targets never share dropout masks.
+QUERY_SIDE = 0
+TARGET_SIDE = 1
+
+
+def _batch_size(tree: PyTree) -> int:
+    sizes = {leaf.shape[0] for leaf in jax.tree.leaves(tree)}
+    if len(sizes) != 1:
+        raise ValueError(f"all leaves need the same leading (batch) size, got {sorted(sizes)}")
+    return sizes.pop()
+
+
+def interleave_chunks(tree: PyTree, num_chunks: int) -> PyTree:
+    """Leaves ``(N, ...)`` -> ``(num_chunks, N / num_chunks, ...)``; chunk ``j`` = rows ``j::num_chunks``.
+
+    Implemented as reshape ``(N/c, c, ...)`` + swap of the first two axes: the row-block
+    sharding of the leading axis carries over to the ``N/c`` axis untouched (no collective),
+    provided ``N / num_chunks`` is divisible by the data-parallel size (the caller's job).
+    """
+    n = _batch_size(tree)
+    if n % num_chunks:
+        raise ValueError(f"batch size {n} is not divisible by num_chunks={num_chunks}")
+
+    def one(x):
+        x = x.reshape(n // num_chunks, num_chunks, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree.map(one, tree)
+
+
+def merge_chunks(tree: PyTree, num_chunks: int) -> PyTree:
+    """Exact inverse of :func:`interleave_chunks`: ``(c, n, ...)`` -> ``(c·n, ...)`` in row order."""
+
+    def one(x):
+        if x.shape[0] != num_chunks:
+            raise ValueError(f"leading axis {x.shape[0]} != num_chunks={num_chunks}")
+        x = jnp.swapaxes(x, 0, 1)
+        return x.reshape(x.shape[0] * num_chunks, *x.shape[2:])
+
+    return jax.tree.map(one, tree)
+
+
+def chunk_key(side_key: jax.Array, j: jax.Array | int) -> jax.Array:
+    """The key chunk ``j`` is encoded with: ``fold_in(side_key, j)``.
+
+    Both GradCache passes derive their keys through this one function, so the re-run in pass 2
+    draws exactly the dropout masks that produced the cached embeddings in pass 1. In
+    :func:`gradcache_value_and_grad` ``side_key = fold_in(key, QUERY_SIDE | TARGET_SIDE)``.
+    """
+    return jax.random.fold_in(side_key, j)
+
+
+def embed_in_chunks(
+    encode: EncodeFn, params: PyTree, inputs: PyTree, num_chunks: int, key: jax.Array
+) -> jax.Array:
+    """``(N, D)`` embeddings of ``inputs``, encoded ``num_chunks`` chunks at a time.
+
+    Chunk ``j`` (rows ``j::num_chunks``) uses key ``chunk_key(key, j) = fold_in(key, j)``. The
+    scan body returns only the embeddings, so no activations outlive a chunk. The body is also
+    ``jax.checkpoint``-ed: should a caller differentiate straight through this function, the
+    scan then saves only each chunk's inputs and recomputes the chunk in the backward pass
+    (GradCache's memory profile again) instead of stacking every chunk's activations.
+    """
+    chunks = interleave_chunks(inputs, num_chunks)
+
+    @jax.checkpoint
+    def body(_, xs):
+        inputs_j, j = xs
+        return None, encode(params, inputs_j, chunk_key(key, j))
+
+    _, emb = lax.scan(body, None, (chunks, jnp.arange(num_chunks)))
+    return merge_chunks(emb, num_chunks)
+
+
+def _accumulate_param_grads(
+    encode: EncodeFn,
+    params: PyTree,
+    inputs: PyTree,
+    emb_grad: jax.Array,
+    num_chunks: int,
+    side_key: jax.Array,
+    acc: PyTree,
+) -> PyTree:
+    """Pass 2 for one side: ``acc + Σ_j vjp(encode chunk j)(emb_grad chunk j)`` in float32."""
+    chunks = interleave_chunks(inputs, num_chunks)
+    grad_chunks = interleave_chunks(emb_grad, num_chunks)
+
+    def body(acc, xs):
+        inputs_j, grad_j, j = xs
+        emb_j, vjp = jax.vjp(lambda p: encode(p, inputs_j, chunk_key(side_key, j)), params)
+        (g,) = vjp(grad_j.astype(emb_j.dtype))
+        # Summing in float32 keeps many bf16 chunk gradients from losing low-order bits.
+        acc = jax.tree.map(lambda a, gi: a + gi.astype(jnp.float32), acc, g)
+        return acc, None
+
+    acc, _ = lax.scan(body, acc, (chunks, grad_chunks, jnp.arange(num_chunks)))
+    return acc
+
+
+def gradcache_value_and_grad(
+    encode: EncodeFn,
+    loss_fn: LossFn,
+    params: PyTree,
+    query_inputs: PyTree,
+    target_inputs: PyTree,
+    *,
+    num_chunks: int,
+    key: jax.Array,
+    has_aux: bool = True,
+) -> tuple[Any, PyTree]:
+    """Full-batch ``value_and_grad`` of ``loss_fn(encode(queries), encode(targets))`` by GradCache.
+
+    Returns ``((loss, aux), grads)`` (``(loss, grads)`` when ``has_aux=False``, as with
+    ``jax.value_and_grad``). ``grads`` has the tree structure and dtypes of ``params`` (an
+    ``nnx.State`` works like any pytree); chunk gradients are summed in float32 and cast to
+    each parameter's dtype once at the end.
+
+    Queries and targets may have different structures (texts vs images), so each side is
+    chunked and encoded separately, both with ``num_chunks`` chunks; their batch sizes must be
+    divisible by ``num_chunks``.
+
+    Key scheme: side ``s`` (``QUERY_SIDE = 0``, ``TARGET_SIDE = 1``) chunk ``j`` is encoded with
+    ``fold_in(fold_in(key, s), j)`` in both passes, so dropout in the re-run equals the masks
+    that made the cached embeddings.
+    """
+    q_key = jax.random.fold_in(key, QUERY_SIDE)
+    t_key = jax.random.fold_in(key, TARGET_SIDE)
+
+    # Pass 1: embeddings only. Nothing is differentiated here, so the scans keep no residuals.
+    q_emb = embed_in_chunks(encode, params, query_inputs, num_chunks, q_key)
+    t_emb = embed_in_chunks(encode, params, target_inputs, num_chunks, t_key)
+
+    # The loss on the full global batch, and the gradient "cache" d loss / d embeddings.
+    value, (q_grad, t_grad) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=has_aux)(
+        q_emb, t_emb
+    )
+
+    # Pass 2: re-run each chunk with its embedding gradient; one float32 accumulator for both.
+    acc = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
+    acc = _accumulate_param_grads(encode, params, query_inputs, q_grad, num_chunks, q_key, acc)
+    acc = _accumulate_param_grads(encode, params, target_inputs, t_grad, num_chunks, t_key, acc)
+    grads = jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
+    return value, grads
