@@ -61,7 +61,7 @@ def test_config_validation():
     with pytest.raises(train.ConfigError, match="must split over the 8 data-parallel devices"):
         train.validate(tiny_cfg(batch_size=16, num_chunks=4), mesh)
     real = stage2.get_config()
-    with pytest.raises(train.ConfigError, match="set --config.model"):
+    with pytest.raises(train.ConfigError, match=r"set --config\.model"):
         train.validate(real, mesh)
     real.model = "/some/model"
     with pytest.raises(train.ConfigError, match="convert MMEB-train"):
@@ -97,7 +97,7 @@ def test_non_finite_step_is_skipped(setup):
 
 
 def test_chunking_does_not_change_the_update(setup):
-    cfg, mesh, graphdef, trainable, frozen, tx, batches = setup
+    _, mesh, graphdef, trainable, frozen, tx, batches = setup
     results = []
     for chunks in (1, 2):
         c = tiny_cfg(num_chunks=chunks)
