@@ -46,6 +46,7 @@ def base() -> ml_collections.ConfigDict:
     )
     c.filter_false_negatives = True
     c.num_hard_negatives = 8
+    c.infonce_steps = 0  # plain InfoNCE for the first steps (only for models trained from scratch)
     # LoRA (VLM2Vec defaults; open in the paper). rank 0 trains every parameter.
     c.lora_rank = 16
     c.lora_alpha = 64.0
@@ -76,16 +77,19 @@ def get_config(preset: str = "llava_onevision_7b") -> ml_collections.ConfigDict:
         c.remat = False
         c.lora_rank = 0  # no pretrained base offline: train everything (LoRA is tested separately)
         c.lora_dropout = 0.0
-        c.query_length = 64
-        c.target_length = 64
+        c.query_length = 48
+        c.target_length = 48
         c.batch_size = 64
         c.num_chunks = 2
-        c.num_steps = 400
-        c.warmup_steps = 40
-        c.lr = 1e-3
+        c.num_steps = 300
+        c.warmup_steps = 30
+        c.lr = 3e-3
         c.weight_decay = 0.01
         c.temperature = 0.05
-        c.log_every = 20
+        # A from-scratch model starts collapsed: in-batch InfoNCE first stands in for the
+        # pretrained MLLM that UniME starts from, then the hard-negative loss takes over.
+        c.infonce_steps = 150
+        c.log_every = 10
         c.checkpoint_every = 100
         c.demo_train_rows = 12000
         c.demo_eval_size = 200

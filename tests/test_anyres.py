@@ -331,3 +331,13 @@ def test_from_hf_config():
     with pytest.raises(ValueError):
         AnyResSpec(336, 14, ((336, 600),))  # not a tile multiple: HF would fail to reshape
     hash(spec)  # usable as a cache key
+
+
+def test_taps_only_where_downsampling_can_happen():
+    pins = ((32, 32), (32, 64), (64, 64))
+    assert AnyResSpec(32, 8, pins).taps == 1  # LLaVA-NeXT
+    assert AnyResSpec(32, 8, pins, max_num_patches=9).taps == 1  # 4 tiles never exceed 9
+    assert AnyResSpec(32, 8, pins, max_num_patches=2).taps == 4
+    for size in [(20, 900), (64, 64), (900, 20), (300, 300)]:
+        idx, w = image_layout(size, AnyResSpec(32, 8, pins, max_num_patches=9))
+        assert np.all(w[:, 1:] == 0)  # a 1-tap spec must never need the other taps

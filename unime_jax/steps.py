@@ -88,20 +88,14 @@ def init_state(
 
 
 def make_loss_fn(cfg) -> Callable:
-    """(query_emb, target_emb) -> (loss, metrics) for the configured objective."""
-    if cfg.loss == "hard_negative":
-        return lambda q, t: losses.hard_negative_infonce(
-            q,
-            t,
-            temperature=cfg.temperature,
-            margin=cfg.margin if cfg.filter_false_negatives else None,
-            k=cfg.num_hard_negatives,
-            return_metrics=True,
-        )
-    if cfg.loss == "infonce":
-        return lambda q, t: losses.infonce(q, t, temperature=cfg.temperature, return_metrics=True)
+    """(query_emb, target_emb, step) -> (loss, metrics) for the configured objective.
+
+    ``infonce_steps`` > 0 uses plain in-batch InfoNCE for the first steps: a model trained from
+    scratch (the offline demo) starts with collapsed embeddings, where mined hard negatives
+    only pull it further into collapse. UniME itself starts from a pretrained MLLM (0 steps).
+    """
     if cfg.loss == "similarity_kd":
-        return lambda s, t: (
+        return lambda s, t, step: (
             losses.similarity_kd(
                 s,
                 t,
@@ -111,7 +105,26 @@ def make_loss_fn(cfg) -> Callable:
             ),
             {},
         )
-    raise ValueError(f"unknown loss {cfg.loss!r}; use hard_negative, infonce or similarity_kd")
+    if cfg.loss not in ("hard_negative", "infonce"):
+        raise ValueError(f"unknown loss {cfg.loss!r}; use hard_negative, infonce or similarity_kd")
+
+    def contrastive(q, t, step):
+        plain, plain_metrics = losses.infonce(q, t, temperature=cfg.temperature, return_metrics=True)
+        if cfg.loss == "infonce":
+            return plain, plain_metrics
+        hard, metrics = losses.hard_negative_infonce(
+            q,
+            t,
+            temperature=cfg.temperature,
+            margin=cfg.margin if cfg.filter_false_negatives else None,
+            k=cfg.num_hard_negatives,
+            return_metrics=True,
+        )
+        if cfg.infonce_steps <= 0:
+            return hard, metrics
+        return jnp.where(step < cfg.infonce_steps, plain, hard), metrics | {"hard_negative_loss": hard}
+
+    return contrastive
 
 
 def split_sides(batch: dict[str, jax.Array]) -> tuple[dict, dict]:
@@ -150,7 +163,7 @@ def make_train_step(
         query, target = split_sides(batch)
         (loss, aux), grads = gradcache_value_and_grad(
             lambda p, x, k: encode(p, frozen, x, k),
-            loss_fn,
+            lambda q, t: loss_fn(q, t, state.step),
             state.trainable,
             query,
             target,

@@ -124,8 +124,10 @@ def run(cfg, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(dict(cfg.mesh))
     validate(cfg, mesh)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(cfg.to_json_best_effort(indent=1))
+    lead = jax.process_index() == 0  # one host writes metrics and results
+    if lead:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(cfg.to_json_best_effort(indent=1))
 
     module, processor, max_tiles = build_model(cfg, mesh)
     if cfg.lora_rank > 0:
@@ -175,27 +177,26 @@ def run(cfg, workdir: str) -> dict:
         )
         _write_json(results_path, results)
 
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    writer = MetricWriter(workdir, enabled=lead)
     preempt = checkpoint.PreemptionFlag()
     bar = tqdm(total=cfg.num_steps, initial=start, desc="stage 2", unit="step", dynamic_ncols=True)
     t0, examples = time.perf_counter(), 0
-    step = start
+    step, pending = start, None
     try:
         while step < cfg.num_steps:
             batch = sharding.put_batch(next(data), mesh)
             state, metrics = train_step(state, frozen, batch)
+            if pending is not None:  # wait for the previous step: an honest bar, one step queued
+                jax.block_until_ready(pending)
+                bar.update(1)
+            pending = metrics["loss"]
             step += 1
             examples += cfg.batch_size
-            bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.num_steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - t0
-                metrics |= {
-                    "lr": float(
-                        steps.make_schedule(cfg.lr, cfg.warmup_steps, cfg.num_steps)(step - 1)
-                    ),
-                    "examples_per_s": examples / elapsed,
-                } | data.metrics()
+                lr = steps.make_schedule(cfg.lr, cfg.warmup_steps, cfg.num_steps)(step - 1)
+                metrics |= {"lr": float(lr), "examples_per_s": examples / elapsed} | data.metrics()
                 writer.write(step, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.2f}")
                 t0, examples = time.perf_counter(), 0
@@ -206,6 +207,8 @@ def run(cfg, workdir: str) -> dict:
                     "stopping at step %d after SIGTERM; rerun the same command to resume", step
                 )
                 break
+        if pending is not None:
+            bar.update(1)
     finally:
         bar.close()
         ckpt.close()
@@ -232,6 +235,8 @@ def state_digest(tree) -> float:
 
 
 def _write_json(path: str, obj) -> None:
+    if jax.process_index() != 0:
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)

@@ -102,6 +102,17 @@ class AnyResSpec:
             max((h // self.tile_size) * (w // self.tile_size) for h, w in self.grid_pinpoints) + 1
         )
 
+    @property
+    def taps(self) -> int:
+        """Gather taps the device needs: 4 only if OneVision's bilinear downsampling can trigger.
+
+        It triggers when the unpadded grid exceeds 1.1² × max_num_patches tiles; the unpadded grid
+        is never larger than the largest pinpoint grid, so small grids need plain gathers only.
+        """
+        if self.max_num_patches is None:
+            return 1
+        return 4 if (self.max_tiles - 1) * 100 > 121 * self.max_num_patches else 1
+
     @classmethod
     def from_hf_config(cls, config_dict: dict[str, Any]) -> AnyResSpec:
         """Build from a LlavaOnevision / LlavaNext ``config.json`` dict.

@@ -55,7 +55,8 @@ class Linear(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
     ):
-        self.kernel = param(rngs, (d_in, d_out), axes, dtype=dtype)
+        # Fan-in scaled init (only matters for models trained from scratch, e.g. the demo).
+        self.kernel = param(rngs, (d_in, d_out), axes, dtype=dtype, scale=d_in**-0.5)
         self.bias = param(rngs, (d_out,), (axes[1],), dtype=dtype, init="zeros") if bias else None
         # Adapter slots are declared as data now so apply_lora can fill them later.
         self.lora_a, self.lora_b = nnx.data(None), nnx.data(None)

@@ -37,7 +37,7 @@ def image_inputs(
     """
     spec = cfg.anyres
     b = input_ids.shape[0]
-    taps = 4 if spec.max_num_patches is not None else 1  # only OneVision ever interpolates
+    taps = spec.taps
     tiles = np.zeros((b, max_tiles, *pixel_values.shape[2:]), np.float32)
     index = np.zeros((*input_ids.shape, taps), np.int32)
     weight = np.zeros((*input_ids.shape, taps), np.float32)
