@@ -17,8 +17,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import stage2  # noqa: E402
-from unime_jax import train  # noqa: E402
+from configs import stage2
+from unime_jax import train
 
 VARIANTS = {
     "unime": ("InfoNCE warm start, then hard negatives (k=8, β=0.1)", {}),
