@@ -122,8 +122,18 @@ def test_lora_training_updates_only_adapters(tmp_path):
     assert any(np.abs(v).sum() > 0 for v in lora_b)  # B moved away from zero: adapters trained
 
 
+def test_schedule_warms_up_then_decays_linearly():
+    schedule = steps.make_schedule(1e-3, warmup_steps=10, total_steps=110)
+    values = [float(schedule(s)) for s in (0, 5, 10, 60, 110)]
+    np.testing.assert_allclose(values, [0.0, 5e-4, 1e-3, 5e-4, 0.0], atol=1e-9)
+
+
 def test_metrics_and_results_files(tmp_path):
-    train.run(tiny_cfg(num_steps=2), str(tmp_path))
+    results = train.run(tiny_cfg(num_steps=2, demo_eval_size=12), str(tmp_path))
+    assert set(results) >= {"before", "after", "steps"}
+    for key in ("i2t_R@1", "t2i_R@1", "sugarcrepe/replace", "sugarcrepe/swap", "sugarcrepe/add"):
+        assert 0.0 <= results["after"][key] <= 100.0
+    assert json.loads((tmp_path / "results.json").read_text())["after"] == results["after"]
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     for key in (

@@ -18,8 +18,8 @@ def recall_at_k(
 ) -> dict[int, float]:
     """Share of queries (rows of ``scores``) with any positive candidate in their top k, in %.
 
-    Ties are broken against the query: a positive only counts if strictly fewer than k
-    candidates score higher than it (so a constant model scores chance, not 100%).
+    Ties with negatives are broken against the query (a constant model scores chance, not
+    100%); ties among the query's own positives do not count against it.
     """
     scores = np.asarray(scores, np.float64)
     if scores.shape[0] != len(positives):
@@ -29,7 +29,9 @@ def recall_at_k(
         if len(pos) == 0:
             raise ValueError(f"query {i} has no positive candidate")
         best = scores[i, list(pos)].max()
-        rank[i] = np.sum(scores[i] > best) + np.sum(scores[i] == best) - 1
+        negatives = np.ones(scores.shape[1], bool)
+        negatives[list(pos)] = False
+        rank[i] = np.sum(scores[i] > best) + np.sum(scores[i, negatives] == best)
     return {k: float(np.mean(rank < k) * 100) for k in ks}
 
 

@@ -1,0 +1,558 @@
+"""Evaluation loaders and protocols: hand-checked answers with a fake encoder, loader errors,
+and a smoke run on the real coco_mini photos (skipped when the folder is absent)."""
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from unime_jax.eval import datasets as ds
+from unime_jax.eval import evaluators as ev
+
+
+def unit(*pairs, dim=8):
+    """A unit vector from (axis, weight) pairs."""
+    v = np.zeros(dim)
+    for axis, w in pairs:
+        v[axis] += w
+    return v / np.linalg.norm(v)
+
+
+class FakeEncoder:
+    """Looks every input up in fixed tables; records what it was asked to embed."""
+
+    def __init__(self, texts=None, images=None, instructions=None):
+        self.texts, self.images, self.instructions = texts or {}, images or {}, instructions or {}
+        self.calls = []
+
+    def embed_texts(self, texts):
+        self.calls.append(("texts", list(texts)))
+        return np.stack([self.texts[t] for t in texts])
+
+    def embed_images(self, images):
+        self.calls.append(("images", list(images)))
+        return np.stack([self.images[str(i)] for i in images])
+
+    def embed_instructions(self, texts, images=None):
+        images = list(images) if images is not None else [None] * len(texts)
+        self.calls.append(("instructions", list(zip(texts, images))))
+        return np.stack([self.instructions[(t, im)] for t, im in zip(texts, images)])
+
+
+class HashEncoder:
+    """Random unit vectors seeded by a hash of each input: deterministic, near chance."""
+
+    dim = 64
+
+    def _vec(self, key):
+        seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little")
+        v = np.random.default_rng(seed).standard_normal(self.dim)
+        return v / np.linalg.norm(v)
+
+    def embed_texts(self, texts):
+        return np.stack([self._vec(("t", t)) for t in texts])
+
+    def embed_images(self, images):
+        return np.stack([self._vec(("i", str(i))) for i in images])
+
+    def embed_instructions(self, texts, images=None):
+        images = images or [None] * len(texts)
+        return np.stack([self._vec(("q", t, str(i))) for t, i in zip(texts, images)])
+
+
+# ---------------------------------------------------------------------------------------------
+# retrieval
+
+
+def retrieval_fixture():
+    """4 images (axes 0-3), 2 captions each. Text→image: c0, c3, c4, c7 rank their image first
+    (4/8 = 50%); the other four rank it second. Image→text: img0 (c0 = 1.0) and img2 (c4 = 1.0)
+    have an own caption on top; img1 is beaten by c1 (0.8 > its c2 = 0.6) and img3 by c5
+    (0.8 > its c6 = 0.6) → 2/4 = 50%. Every rank is < 5 → R@5 = 100. No two scores of a query
+    tie (metrics.recall_at_k counts a tie between two positives against the query)."""
+    images = {f"img{i}": unit((i, 1.0)) for i in range(4)}
+    texts = {
+        "c0": unit((0, 1.0)),
+        "c1": unit((0, 0.6), (1, 0.8)),
+        "c2": unit((1, 0.6), (2, 0.8)),
+        "c3": unit((1, 0.5), (4, 0.75**0.5)),
+        "c4": unit((2, 1.0)),
+        "c5": unit((2, 0.6), (3, 0.8)),
+        "c6": unit((3, 0.6), (0, 0.8)),
+        "c7": unit((3, 0.5), (5, 0.75**0.5)),
+    }
+    dataset = ds.RetrievalSet(list(images), list(texts), [0, 0, 1, 1, 2, 2, 3, 3])
+    return FakeEncoder(texts=texts, images=images), dataset
+
+
+def test_retrieval_known_answers():
+    encoder, dataset = retrieval_fixture()
+    out = ev.evaluate_retrieval(encoder, dataset)
+    assert out["t2i_R@1"] == 50.0 and out["i2t_R@1"] == 50.0
+    assert out["t2i_R@5"] == 100.0 and out["i2t_R@5"] == 100.0
+    assert out["t2i_R@10"] == 100.0 and out["i2t_R@10"] == 100.0
+    assert out["num_images"] == 4 and out["num_captions"] == 8
+    # R@2 image→text: img1 and img3 have an own caption second → 100%. img3's c7 is only
+    # third (c5 0.8, c6 0.6, c7 0.5), but its other caption c6 is second, and any caption counts.
+    out = ev.evaluate_retrieval(encoder, dataset, ks=(2,))
+    assert out["i2t_R@2"] == 100.0 and out["t2i_R@2"] == 100.0
+
+
+def test_image_query_counts_if_any_caption_is_in_top_k():
+    images = {"a": unit((0, 1.0)), "b": unit((1, 1.0))}
+    texts = {
+        "a-bad": unit((1, 1.0)),  # describes a, but is closest to b: last for a
+        "a-good": unit((0, 1.0)),
+        "b-ok": unit((0, 0.6), (1, 0.8)),
+    }
+    dataset = ds.RetrievalSet(["a", "b"], list(texts), [0, 0, 1])
+    out = ev.evaluate_retrieval(FakeEncoder(texts, images), dataset, ks=(1,))
+    # a: a-good is first (a-bad last) → correct; b: a-bad (1.0) beats b-ok (0.8) → wrong.
+    assert out["i2t_R@1"] == 50.0
+    # text→image: a-bad → b (wrong), a-good → a, b-ok → b.
+    assert out["t2i_R@1"] == pytest.approx(200 / 3)
+
+
+def test_retrieval_embeds_each_distinct_input_once():
+    images = {"a": unit((0, 1.0)), "b": unit((1, 1.0))}
+    texts = {"same": unit((0, 1.0)), "other": unit((1, 1.0))}
+    dataset = ds.RetrievalSet(["a", "b"], ["same", "same", "other"], [0, 1, 1])
+    encoder = FakeEncoder(texts, images)
+    ev.evaluate_retrieval(encoder, dataset)
+    assert encoder.calls == [("texts", ["same", "other"]), ("images", ["a", "b"])]
+
+
+# ---------------------------------------------------------------------------------------------
+# SugarCrepe
+
+
+def test_sugarcrepe_known_answers():
+    images = {"i0": unit((0, 1.0)), "i1": unit((1, 1.0))}
+    texts = {
+        "cat": unit((0, 1.0)),
+        "dog": unit((1, 1.0)),
+        "near-cat": unit((0, 0.8), (2, 0.6)),
+        "far": unit((3, 1.0)),
+    }
+    splits = {
+        # i0: cat (1.0) > near-cat (0.8) ✓; i1: dog > far ✓; i0: near-cat (0.8) < cat ✗ → 2/3
+        "replace_obj": [("i0", "cat", "near-cat"), ("i1", "dog", "far"), ("i0", "near-cat", "cat")],
+        # a tie is wrong: i1 · cat = i1 · far = 0 → 1/2
+        "replace_att": [("i1", "cat", "far"), ("i1", "dog", "cat")],
+        "swap_obj": [("i0", "cat", "dog")],  # 100
+        "add_att": [("i0", "dog", "cat")],  # 0
+    }
+    encoder = FakeEncoder(texts=texts, images=images)
+    out = ev.evaluate_sugarcrepe(encoder, splits)
+    assert out["replace_obj"] == pytest.approx(200 / 3)
+    assert out["replace_att"] == 50.0
+    assert out["replace"] == pytest.approx((200 / 3 + 50) / 2)
+    assert out["swap"] == 100.0 and out["add"] == 0.0
+    assert out["num_items"] == {"replace_obj": 3, "replace_att": 2, "swap_obj": 1, "add_att": 1}
+    # each distinct image and caption embedded once, across all splits
+    assert encoder.calls == [
+        ("images", ["i0", "i1"]),
+        ("texts", ["cat", "near-cat", "dog", "far"]),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# MMEB
+
+CORRECT = (unit((0, 1.0)), [unit((0, 1.0)), unit((1, 1.0))])
+WRONG = (unit((0, 1.0)), [unit((1, 1.0)), unit((0, 1.0))])
+TIE = (unit((0, 1.0)), [unit((1, 1.0)), unit((2, 1.0))])  # both score 0: a tie is wrong
+
+
+def mmeb_fixture(spec):
+    """``{dataset: [CORRECT | WRONG | TIE, ...]}`` → (encoder, rows_by_dataset). Every row's
+    query has an image; candidate texts are unique per row."""
+    table, rows_by = {}, {}
+    for name, outcomes in spec.items():
+        rows = []
+        for r, (q, cands) in enumerate(outcomes):
+            qry = (f"<|image_1|> {name} query {r}", f"{name}/{r}.jpg")
+            table[qry] = q
+            tgts = [(f"{name} row {r} candidate {c}", None) for c in range(len(cands))]
+            table.update(zip(tgts, cands))
+            rows.append(
+                ds.MmebRow(name, r, *qry, tuple(t for t, _ in tgts), tuple(i for _, i in tgts))
+            )
+        rows_by[name] = rows
+    return FakeEncoder(instructions=table), rows_by
+
+
+def test_mmeb_known_answers_and_both_overall_conventions():
+    encoder, rows = mmeb_fixture(
+        {
+            "ImageNet-1K": [CORRECT, WRONG],  # classification, IND: 50
+            "place365": [CORRECT],  # classification, OOD: 100 (name canonicalised)
+            "OK-VQA": [WRONG, TIE],  # vqa, IND: 0 (the tie is wrong)
+            "MSCOCO_t2i": [CORRECT, CORRECT],  # retrieval, IND: 100
+            "RefCOCO": [CORRECT, TIE],  # grounding, OOD: 50
+            "MyOwnSet": [CORRECT],  # unknown: reported, left out of aggregates
+        }
+    )
+    out = ev.evaluate_mmeb(encoder, rows)
+    assert out["per_dataset"] == {
+        "ImageNet-1K": 50.0,
+        "Place365": 100.0,
+        "OK-VQA": 0.0,
+        "MSCOCO_t2i": 100.0,
+        "RefCOCO": 50.0,
+        "MyOwnSet": 100.0,
+    }
+    assert out["meta_task"] == {
+        "classification": 75.0,
+        "vqa": 0.0,
+        "retrieval": 100.0,
+        "grounding": 50.0,
+    }
+    assert out["IND"] == pytest.approx((50 + 0 + 100) / 3)
+    assert out["OOD"] == pytest.approx((100 + 50) / 2)
+    assert out["overall_datasets"] == pytest.approx((50 + 100 + 0 + 100 + 50) / 5)  # 60
+    assert out["overall_meta"] == pytest.approx((75 + 0 + 100 + 50) / 4)  # 56.25
+    assert out["unknown_datasets"] == ["MyOwnSet"]
+    assert len(out["missing_datasets"]) == 36 - 5 and "VizWiz" in out["missing_datasets"]
+    assert out["num_rows"]["OK-VQA"] == 2
+
+
+def test_mmeb_embeds_each_distinct_input_once_and_handles_text_only_queries():
+    e0, e1, e2 = unit((0, 1.0)), unit((1, 1.0)), unit((2, 1.0))
+    table = {
+        ("<|image_1|> Represent the image", "a.jpg"): e0,
+        ("<|image_1|> Represent the image", "b.jpg"): e1,
+        ("Find a photo of a cat", None): e1,
+        ("cat", None): e0,
+        ("dog", None): e1,
+        ("<|image_1|> Represent", "b.jpg"): e1,
+        ("<|image_1|> Represent", "c.jpg"): e2,
+    }
+    rows = {
+        "VOC2007": [  # shared label candidates: "cat"/"dog" embedded once
+            ds.MmebRow("VOC2007", 0, "<|image_1|> Represent the image", "a.jpg", ("cat", "dog"), (None, None)),
+            ds.MmebRow("VOC2007", 1, "<|image_1|> Represent the image", "b.jpg", ("dog", "cat"), (None, None)),
+            ds.MmebRow("VOC2007", 2, "<|image_1|> Represent the image", "b.jpg", ("cat", "dog"), (None, None)),
+        ],
+        "CIRR": [  # text query, image candidates
+            ds.MmebRow(
+                "CIRR", 0, "Find a photo of a cat", None,
+                ("<|image_1|> Represent", "<|image_1|> Represent"), ("b.jpg", "c.jpg"),
+            ),
+        ],
+    }  # fmt: skip
+    encoder = FakeEncoder(instructions=table)
+    out = ev.evaluate_mmeb(encoder, rows)
+    assert out["per_dataset"] == {"VOC2007": pytest.approx(200 / 3), "CIRR": 100.0}
+    voc, cirr = (inputs for _, inputs in encoder.calls)
+    assert len(voc) == len(set(voc)) == 4  # 2 query images + 2 labels, not 9 inputs
+    assert cirr == [
+        ("Find a photo of a cat", None),
+        ("<|image_1|> Represent", "b.jpg"),
+        ("<|image_1|> Represent", "c.jpg"),
+    ]
+
+
+def test_mmeb_tables():
+    assert len(ds.MMEB_DATASETS) == len(set(ds.MMEB_DATASETS)) == 36
+    assert {t: len(v) for t, v in ds.MMEB_META_TASKS.items()} == {
+        "classification": 10,
+        "vqa": 10,
+        "retrieval": 12,
+        "grounding": 4,
+    }
+    assert len(ds.MMEB_IND) == 20 and len(ds.MMEB_OOD) == 16
+    assert set(ds.MMEB_DATASETS) >= ds.MMEB_IND
+    assert ds.mmeb_meta_task("visual7w_pointing") == "grounding"
+    assert ds.mmeb_meta_task("Visual7W") == "vqa"
+    assert ds.mmeb_split("MSCOCO") == "IND" and ds.mmeb_split("RefCOCO-Matching") == "OOD"
+    assert ds.mmeb_meta_task("Something") == "unknown" == ds.mmeb_split("Something")
+    assert ds.mmeb_dataset_name("x/ImageNet_1K.jsonl") == "ImageNet-1K"
+    assert ds.mmeb_dataset_name("x/Wiki-SS-NQ/test-00000-of-00001.parquet") == "Wiki-SS-NQ"
+
+
+# ---------------------------------------------------------------------------------------------
+# loaders
+
+
+@pytest.fixture
+def root(tmp_path):
+    """An image root with three tiny images, and a picture outside it."""
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    for name in ("a.png", "b.png", "sub/c.png"):
+        Image.new("RGB", (4, 4), (10, 20, 30)).save(tmp_path / "imgs" / name)
+    Image.new("RGB", (4, 4)).save(tmp_path / "outside.png")
+    return tmp_path
+
+
+def write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def coco(images, annotations):
+    return {"images": images, "annotations": annotations}
+
+
+def test_coco_loader(root):
+    f = write(
+        root / "captions.json",
+        coco(
+            [
+                {"id": 7, "file_name": "a.png"},
+                {"id": 3, "file_name": "b.png"},
+                {"id": 9, "file_name": "sub/c.png"},  # no caption: excluded, reported
+            ],
+            [
+                {"image_id": 3, "id": 1, "caption": "b one "},
+                {"image_id": 7, "id": 2, "caption": "a one"},
+                {"image_id": 3, "id": 3, "caption": "b two"},
+            ],
+        ),
+    )
+    with pytest.warns(UserWarning, match="1 image"):
+        s = ds.load_coco_captions(f, root / "imgs")
+    assert [Path(p).name for p in s.image_paths] == ["a.png", "b.png"]
+    assert s.captions == ["a one", "b one", "b two"]
+    assert s.image_for_caption == [0, 1, 1]
+    assert len(s.excluded) == 1 and "image 9" in s.excluded[0]
+    with pytest.warns(UserWarning):
+        s = ds.load_coco_captions(f, root / "imgs", max_images=1)
+    assert s.captions == ["a one"] and len(s) == 1
+
+
+def test_coco_loader_errors(root):
+    f = write(
+        root / "captions.json",
+        coco(
+            [{"id": 7, "file_name": "a.png"}, {"id": 8, "file_name": "missing.png"}],
+            [
+                {"image_id": 7, "id": 1, "caption": "a"},
+                {"image_id": 99, "id": 2, "caption": "ghost"},
+                {"image_id": 7, "id": 3, "caption": "  "},
+            ],
+        ),
+    )
+    with pytest.raises(ds.DatasetError) as e:
+        ds.load_coco_captions(f, root / "imgs")
+    msg = str(e.value)
+    assert "captions.json: 3 problem(s)" in msg
+    assert "images[1] (id 8)" in msg and "missing.png" in msg and "does not exist" in msg
+    assert "annotations[1] (id 2)" in msg and "image_id 99" in msg
+    assert "annotations[2] (id 3)" in msg and "'caption'" in msg
+    assert "Fix:" in msg
+    (root / "bad.json").write_text('{"images": [')
+    with pytest.raises(ds.DatasetError, match=r"bad.json: not valid JSON \(line 1"):
+        ds.load_coco_captions(root / "bad.json", root / "imgs")
+
+
+def test_flickr_loader_split_and_escape(root):
+    entries = [
+        {"filename": "a.png", "split": "test", "sentences": [{"raw": "x"}, {"raw": "y"}]},
+        {"filename": "b.png", "split": "train", "sentences": [{"raw": "z"}]},
+        {"filename": "sub/c.png", "split": "test", "sentences": [{"raw": "w"}]},
+    ]
+    f = write(root / "dataset_flickr30k.json", {"images": entries})
+    s = ds.load_flickr30k(f, root / "imgs")
+    assert s.captions == ["x", "y", "w"] and s.image_for_caption == [0, 0, 1]
+    assert len(ds.load_flickr30k(f, root / "imgs", split=None)) == 3
+    with pytest.raises(ds.DatasetError, match="no images with split 'val'"):
+        ds.load_flickr30k(f, root / "imgs", split="val")
+    entries[2]["filename"] = "../outside.png"
+    f = write(root / "dataset_flickr30k.json", {"images": entries})
+    with pytest.raises(ds.DatasetError, match=r"images\[2\].*leaves the image root"):
+        ds.load_flickr30k(f, root / "imgs")
+
+
+def test_caption_pairs_loader(root):
+    rows = [
+        {"image": "a.png", "caption": "long a"},
+        {"image": "sub/c.png", "caption": "long c"},
+        {"image": "a.png", "caption": "another a"},
+    ]
+    f = write(root / "urban1k.json", rows)
+    s = ds.load_caption_pairs(f, root / "imgs")
+    assert s.captions == ["long a", "another a", "long c"] and s.image_for_caption == [0, 0, 1]
+    jl = root / "sharegpt4v.jsonl"
+    jl.write_text(
+        json.dumps(rows[0])
+        + "\n{not json\n\n"
+        + json.dumps({"image": "/etc/x.png", "caption": "c"})
+    )
+    with pytest.raises(ds.DatasetError) as e:
+        ds.load_caption_pairs(jl, root / "imgs")
+    assert "line 2: malformed JSON" in str(e.value)
+    jl.write_text(
+        json.dumps(rows[0]) + "\n" + json.dumps({"image": "/etc/x.png", "caption": "c"}) + "\n"
+    )
+    with pytest.raises(ds.DatasetError, match=r"line 2: image path '/etc/x\.png' is absolute"):
+        ds.load_caption_pairs(jl, root / "imgs")
+
+
+def test_sugarcrepe_loader(root):
+    sc = root / "sc"
+    sc.mkdir()
+    item = {"filename": "a.png", "caption": "a cat", "negative_caption": "a dog"}
+    for split in ds.SUGARCREPE_SPLITS:
+        write(sc / f"{split}.json", {"0": item, "5": {**item, "filename": "sub/c.png"}})
+    out = ds.load_sugarcrepe(sc, root / "imgs")
+    assert list(out) == list(ds.SUGARCREPE_SPLITS)
+    image, caption, negative = out["swap_att"][1]
+    assert Path(image).name == "c.png" and (caption, negative) == ("a cat", "a dog")
+    write(sc / "add_att.json", {"0": item, "41": {**item, "filename": "gone.jpg"}})
+    with pytest.raises(ds.DatasetError, match=r"add_att.json: 1 problem.*\n  id 41: image file"):
+        ds.load_sugarcrepe(sc, root / "imgs")
+    (sc / "swap_obj.json").unlink()
+    with pytest.raises(ds.DatasetError, match=r"missing: swap_obj\.json"):
+        ds.load_sugarcrepe(sc, root / "imgs")
+
+
+def mmeb_row(q="<|image_1|> Represent the given image", qi="a.png", t=("cat", "dog"), ti=None):
+    return {"qry_text": q, "qry_img_path": qi, "tgt_text": list(t), "tgt_img_path": ti}
+
+
+def test_mmeb_loader_jsonl_and_parquet(root):
+    d = root / "mmeb"
+    d.mkdir()
+    rows = [
+        mmeb_row(),
+        mmeb_row(q="Find the cat", qi="", t=["<|image_1|> Represent", "<|image_1|> x"], ti=["b.png", "sub/c.png"]),
+        mmeb_row(ti=["", ""]),
+    ]  # fmt: skip
+    (d / "voc2007.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (d / "FashionIQ").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), d / "FashionIQ" / "test-00000-of-00001.parquet")
+    (d / "MyNewSet.jsonl").write_text(json.dumps(rows[0]))
+    out = ds.load_mmeb(d, root / "imgs")
+    assert sorted(out) == ["FashionIQ", "MyNewSet", "VOC2007"]
+    for name in ("FashionIQ", "VOC2007"):
+        r0, r1, r2 = out[name]
+        assert r0.qry_image.endswith("a.png") and r0.tgt_images == (None, None)
+        assert r1.qry_image is None and r1.tgt_images[1].endswith("c.png")
+        assert r2.tgt_texts == ("cat", "dog") and r2.tgt_images == (None, None)
+    assert len(ds.load_mmeb(d, root / "imgs", max_rows=2)["VOC2007"]) == 2
+    # an unknown dataset is evaluated and reported, but stays out of the aggregates
+    result = ev.evaluate_mmeb(HashEncoder(), out)
+    assert ds.mmeb_meta_task("MyNewSet") == "unknown"
+    assert result["unknown_datasets"] == ["MyNewSet"] and "MyNewSet" in result["per_dataset"]
+    assert result["overall_datasets"] == pytest.approx(
+        (result["per_dataset"]["VOC2007"] + result["per_dataset"]["FashionIQ"]) / 2
+    )
+
+
+def test_mmeb_loader_errors(root):
+    f = root / "CIRR.jsonl"
+    lines = [
+        json.dumps(mmeb_row()),  # 1 ok
+        json.dumps(mmeb_row(qi="nope.png")),  # 2 missing image
+        "{broken",  # 3 malformed
+        json.dumps(mmeb_row(qi="../outside.png")),  # 4 escapes the root
+        json.dumps(mmeb_row(qi="")),  # 5 placeholder without image
+        json.dumps(mmeb_row(ti=["a.png"])),  # 6 unequal candidate lists
+        json.dumps(mmeb_row(t=[])),  # 7 no candidates
+    ]
+    f.write_text("\n".join(lines))
+    with pytest.raises(ds.DatasetError) as e:  # a malformed line is reported before the rest
+        ds.load_mmeb_file(f, root / "imgs")
+    assert "line 3: malformed JSON" in str(e.value)
+    f.write_text("\n".join(lines[:2] + lines[3:]))
+    with pytest.raises(ds.DatasetError) as e:
+        ds.load_mmeb_file(f, root / "imgs")
+    msg = str(e.value)
+    assert "CIRR.jsonl: 5 problem(s)" in msg
+    assert "line 2: image file" in msg and "nope.png" in msg
+    assert "line 3: image path '../outside.png' leaves the image root" in msg
+    assert "line 4: query has 1 <|image_1|> placeholder(s) and no image" in msg
+    assert "line 5: tgt_img_path has 1 entries but tgt_text has 2" in msg
+    assert "line 6: no candidates" in msg
+    bad = root / "bad.parquet"
+    pq.write_table(pa.table({"qry_text": ["x"]}), bad)
+    with pytest.raises(ds.DatasetError, match="missing MMEB-eval columns"):
+        ds.load_mmeb_file(bad, root / "imgs")
+
+
+# ---------------------------------------------------------------------------------------------
+# real photos: coco_mini
+
+COCO_MINI = next(
+    (
+        p
+        for p in (
+            Path(__file__).parents[2] / "shared/data/coco_mini",
+            Path("/work/shared/data/coco_mini"),
+        )
+        if (p / "captions_val2017.json").is_file()
+    ),
+    None,
+)
+
+
+@pytest.fixture(scope="module")
+def coco_mini():
+    if COCO_MINI is None:
+        pytest.skip("coco_mini not found (../shared/data/coco_mini); real-data check skipped")
+    images = COCO_MINI / "images"
+    retrieval = ds.load_coco_captions(COCO_MINI / "captions_val2017.json", images)
+    sugarcrepe = ds.load_sugarcrepe(COCO_MINI / "sugarcrepe", images)
+    return retrieval, sugarcrepe
+
+
+def test_coco_mini_with_hash_encoder(coco_mini):
+    retrieval, sugarcrepe = coco_mini
+    assert len(retrieval) == 79 and len(retrieval.captions) == 395
+    assert {s: len(v) for s, v in sugarcrepe.items()} == {
+        "replace_obj": 44,
+        "replace_att": 19,
+        "replace_rel": 43,
+        "swap_obj": 10,
+        "swap_att": 24,
+        "add_obj": 59,
+        "add_att": 12,
+    }
+    r = ev.evaluate_retrieval(HashEncoder(), retrieval)
+    s = ev.evaluate_sugarcrepe(HashEncoder(), sugarcrepe)
+    print(f"\ncoco_mini, hash encoder: retrieval {r}\n  sugarcrepe {s}")
+    assert r == ev.evaluate_retrieval(HashEncoder(), retrieval)  # deterministic
+    # near chance: R@1 ≈ 1/79 (t2i) and ≈ 5/395·… (i2t); SugarCrepe ≈ 50%
+    assert r["t2i_R@1"] < 10 and r["i2t_R@1"] < 15
+    assert 25 < s["replace"] < 75 and 25 < s["add"] < 75
+
+
+def test_coco_mini_with_demo_model(coco_mini):
+    import flax.nnx as nnx
+
+    from unime_jax import demo, sharding
+    from unime_jax.embedder import Embedder
+    from unime_jax.models.mllm import LlavaModel
+    from unime_jax.models.runtime import EmbeddingModel
+
+    _, sugarcrepe = coco_mini
+    start = time.perf_counter()
+    config, processor = demo.build()
+    model = LlavaModel(config, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    embedding_model = EmbeddingModel(
+        config, graphdef, state, sharding.make_mesh(), config.anyres.max_tiles
+    )
+    embedder = Embedder(embedding_model, processor, batch_size=16, progress=False)
+    small = ds.load_coco_captions(
+        COCO_MINI / "captions_val2017.json", COCO_MINI / "images", max_images=30
+    )
+    keep = set(small.image_paths)
+    small_sc = {s: [it for it in items if it.image_path in keep] for s, items in sugarcrepe.items()}
+    small_sc = {s: items for s, items in small_sc.items() if items}
+    r = ev.evaluate_retrieval(embedder, small)
+    s = ev.evaluate_sugarcrepe(embedder, small_sc)
+    print(
+        f"\ncoco_mini (30 images, {len(small.captions)} captions), random-init demo model, "
+        f"{time.perf_counter() - start:.1f}s:\n  retrieval {r}\n  sugarcrepe {s}"
+    )
+    assert r["num_images"] == 30 and r["num_captions"] == 150
+    assert all(0 <= v <= 100 for k, v in r.items() if "R@" in k)
+    assert all(0 <= v <= 100 for k, v in s.items() if k != "num_items")
