@@ -339,5 +339,5 @@ def test_taps_only_where_downsampling_can_happen():
     assert AnyResSpec(32, 8, pins, max_num_patches=9).taps == 1  # 4 tiles never exceed 9
     assert AnyResSpec(32, 8, pins, max_num_patches=2).taps == 4
     for size in [(20, 900), (64, 64), (900, 20), (300, 300)]:
-        idx, w = image_layout(size, AnyResSpec(32, 8, pins, max_num_patches=9))
+        _, w = image_layout(size, AnyResSpec(32, 8, pins, max_num_patches=9))
         assert np.all(w[:, 1:] == 0)  # a 1-tap spec must never need the other taps
