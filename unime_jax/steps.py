@@ -109,7 +109,9 @@ def make_loss_fn(cfg) -> Callable:
         raise ValueError(f"unknown loss {cfg.loss!r}; use hard_negative, infonce or similarity_kd")
 
     def contrastive(q, t, step):
-        plain, plain_metrics = losses.infonce(q, t, temperature=cfg.temperature, return_metrics=True)
+        plain, plain_metrics = losses.infonce(
+            q, t, temperature=cfg.temperature, return_metrics=True
+        )
         if cfg.loss == "infonce":
             return plain, plain_metrics
         hard, metrics = losses.hard_negative_infonce(
@@ -122,7 +124,9 @@ def make_loss_fn(cfg) -> Callable:
         )
         if cfg.infonce_steps <= 0:
             return hard, metrics
-        return jnp.where(step < cfg.infonce_steps, plain, hard), metrics | {"hard_negative_loss": hard}
+        return jnp.where(step < cfg.infonce_steps, plain, hard), metrics | {
+            "hard_negative_loss": hard
+        }
 
     return contrastive
 
