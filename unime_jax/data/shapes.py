@@ -46,6 +46,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from unime_jax.eval.metrics import SUGARCREPE_SPLITS
+
 # ----------------------------------------------------------------------------------------------
 # Vocabulary
 
@@ -76,15 +78,8 @@ INVERSE_RELATION: dict[str, str] = {
     "below": "above",
 }
 
-NEGATIVE_TYPES: tuple[str, ...] = (
-    "replace_obj",
-    "replace_att",
-    "replace_rel",
-    "swap_obj",
-    "swap_att",
-    "add_obj",
-    "add_att",
-)
+# The SugarCrepe split names double as the negative types (one source of truth).
+NEGATIVE_TYPES: tuple[str, ...] = SUGARCREPE_SPLITS
 
 # MMEB-style instructions. Unlike VLM2Vec's "Represent the given image with a caption." /
 # "Find an image that matches the caption:", only words of DEFAULT_WORDS are used ("given",

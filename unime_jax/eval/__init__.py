@@ -1,0 +1,1 @@
+"""Evaluation: dataset loaders (datasets), evaluators (evaluators) and exact metrics (metrics)."""

@@ -30,6 +30,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from unime_jax.eval.metrics import SUGARCREPE_SPLITS
+
 MAX_LISTED = 20  # problems listed in an error message (the rest are counted)
 
 # ---------------------------------------------------------------------------------------------
@@ -326,16 +328,6 @@ def load_caption_pairs(
 
 # ---------------------------------------------------------------------------------------------
 # SugarCrepe
-
-SUGARCREPE_SPLITS = (
-    "replace_obj",
-    "replace_att",
-    "replace_rel",
-    "swap_obj",
-    "swap_att",
-    "add_obj",
-    "add_att",
-)
 
 
 class SugarCrepeItem(NamedTuple):

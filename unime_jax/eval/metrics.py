@@ -6,6 +6,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# The 7 SugarCrepe splits, in the paper's order, and the groups it reports.
+SUGARCREPE_SPLITS = (
+    "replace_obj",
+    "replace_att",
+    "replace_rel",
+    "swap_obj",
+    "swap_att",
+    "add_obj",
+    "add_att",
+)
 SUGARCREPE_GROUPS = {
     "replace": ("replace_obj", "replace_att", "replace_rel"),
     "swap": ("swap_obj", "swap_att"),
