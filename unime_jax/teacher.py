@@ -211,7 +211,7 @@ def read_corpus(
         idx = [header.index(c) for c in cols]
         rows = 0
         for r, row in enumerate(reader):
-            rows += 1
+            rows = r + 1
             for c, i in zip(cols, idx):
                 add(f"{r}:{c}", row[i] if i < len(row) else None)
     else:
@@ -844,8 +844,7 @@ def load_teacher_embeddings(
         exp = list(exp)
         if len(exp) != m.count:
             raise ValueError(
-                f"{out}: row count mismatch: corpus has {len(exp)} rows, manifest has "
-                f"{m.count}"
+                f"{out}: row count mismatch: corpus has {len(exp)} rows, manifest has {m.count}"
             )
         if exp and isinstance(exp[0], str):
             ids = (out / IDS_FILE).read_text(encoding="utf-8").splitlines()
