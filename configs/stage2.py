@@ -16,7 +16,6 @@ def base() -> ml_collections.ConfigDict:
     c.stage = 2
     # Model: an HF checkpoint directory (or hub id with network), or "demo".
     c.model = ""
-    c.init_from = ""  # a stage-1 output directory whose merged LLM replaces the base LLM
     c.dtype = "bfloat16"  # frozen base weights; LoRA adapters and optimizer state stay fp32
     c.max_tiles = 0  # image tiles per example on device; 0 = the most any image can need
     c.remat = True  # recompute layer activations in the backward pass

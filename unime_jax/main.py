@@ -40,16 +40,11 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize()
     cache = os.path.expanduser("~/.cache/unime_jax/jax")
     jax.config.update("jax_compilation_cache_dir", cache)
-    if cfg.stage == 1:
-        from unime_jax import train_stage1
+    if cfg.stage != 2:
+        raise app.UsageError(f"stage {cfg.stage} has no trainer; configs/stage2.py runs stage 2")
+    from unime_jax import train
 
-        train_stage1.run(cfg, _WORKDIR.value)
-    elif cfg.stage == 2:
-        from unime_jax import train
-
-        train.run(cfg, _WORKDIR.value)
-    else:
-        raise app.UsageError(f"unknown stage {cfg.stage}")
+    train.run(cfg, _WORKDIR.value)
 
 
 if __name__ == "__main__":

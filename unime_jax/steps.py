@@ -94,19 +94,8 @@ def make_loss_fn(cfg) -> Callable:
     scratch (the offline demo) starts with collapsed embeddings, where mined hard negatives
     only pull it further into collapse. UniME itself starts from a pretrained MLLM (0 steps).
     """
-    if cfg.loss == "similarity_kd":
-        return lambda s, t, step: (
-            losses.similarity_kd(
-                s,
-                t,
-                temperature=cfg.temperature,
-                direction=cfg.kd_direction,
-                keep_diagonal=cfg.kd_keep_diagonal,
-            ),
-            {},
-        )
     if cfg.loss not in ("hard_negative", "infonce"):
-        raise ValueError(f"unknown loss {cfg.loss!r}; use hard_negative, infonce or similarity_kd")
+        raise ValueError(f"unknown loss {cfg.loss!r}; use hard_negative or infonce")
 
     def contrastive(q, t, step):
         plain, plain_metrics = losses.infonce(
@@ -148,16 +137,12 @@ def make_train_step(
     frozen: nnx.State,
 ) -> Callable:
     """Returns ``step(state, frozen, batch) -> (state, metrics)``, jitted with the shardings of
-    ``trainable`` / ``frozen`` (concrete or abstract) and the train state donated.
-
-    The target side of stage 1 is the precomputed teacher embedding (``target_embedding``), which
-    does not depend on the parameters.
+    ``trainable`` / ``frozen`` (concrete or abstract) and the train state donated. The batch
+    holds ``query_*`` and ``target_*`` model inputs (see :func:`split_sides`).
     """
     loss_fn = make_loss_fn(cfg)
 
     def encode(trainable, frozen, inputs, key):
-        if "embedding" in inputs:  # a fixed target (stage-1 teacher): no model call
-            return inputs["embedding"].astype(jnp.float32)
         model = nnx.merge(graphdef, trainable, frozen)
         hidden = model(**inputs, dropout_key=key if cfg.lora_dropout > 0 else None)
         return last_token_pool(hidden, inputs["attention_mask"])

@@ -61,8 +61,6 @@ def validate(cfg, mesh) -> None:
                 f"--config.train_data={cfg.train_data!r} is not a directory; convert MMEB-train with "
                 "`python -m unime_jax.data.mmeb --input ... --image-root ... --out DIR`"
             )
-    if cfg.init_from and not os.path.isdir(cfg.init_from):
-        raise ConfigError(f"--config.init_from={cfg.init_from!r} does not exist")
 
 
 def lora_targets(spec: str) -> list[str]:
