@@ -18,18 +18,24 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
-.PHONY: setup lint test demo bench
+.PHONY: setup lint test demo demo-chain bench
 setup: $(VENV)/.dev
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check unime_jax tests configs benchmarks
-	$(BIN)/ruff format --check unime_jax tests configs benchmarks
+	$(BIN)/ruff check unime_jax tests configs benchmarks notebooks
+	$(BIN)/ruff format --check unime_jax tests configs benchmarks notebooks
 
 test: lint
 	$(BIN)/python -m pytest -q -ra
 
 demo: $(VENV)/.runtime
 	$(BIN)/python -m unime_jax.main --config=configs/stage2.py:demo --workdir=runs/demo
+
+# Stage 1 (MiniLM teacher: needs torch) then stage 2 from its merged checkpoint.
+demo-chain: $(VENV)/.dev
+	$(BIN)/python -m unime_jax.main --config=configs/stage1.py:demo --workdir=runs/demo_s1
+	$(BIN)/python -m unime_jax.main --config=configs/stage2.py:demo --workdir=runs/demo_s2_chain \
+		--config.model=runs/demo_s1/merged
 
 bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/embed_throughput.py

@@ -14,12 +14,13 @@ import ml_collections
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = 2
-    # Model: an HF checkpoint directory (or hub id with network), or "demo".
+    # Model: an HF checkpoint directory (or hub id with network; a stage-1 WORKDIR/merged), or
+    # "demo" (the seeded demo model, written to WORKDIR/demo_base).
     c.model = ""
     c.dtype = "bfloat16"  # frozen base weights; LoRA adapters and optimizer state stay fp32
     c.max_tiles = 0  # image tiles per example on device; 0 = the most any image can need
     c.remat = True  # recompute layer activations in the backward pass
-    # Data: a directory written by `python -m unime_jax.data.mmeb`.
+    # Data: a directory written by `python -m unime_jax.data.mmeb`, or "demo" (the shapes world).
     c.train_data = ""
     c.image_root = ""  # overrides the image root recorded by the converter
     c.query_length = 2048
@@ -58,6 +59,7 @@ def base() -> ml_collections.ConfigDict:
     c.log_every = 10
     c.checkpoint_every = 100
     c.keep_checkpoints = 3
+    c.export_merged = True  # at the end, write WORKDIR/merged: an HF checkpoint, LoRA folded in
     c.demo_train_rows = 0
     c.demo_eval_size = 0
     return c
@@ -71,7 +73,8 @@ def get_config(preset: str = "llava_onevision_7b") -> ml_collections.ConfigDict:
         c.lr = 2e-5
         return c
     if preset == "demo":
-        c.model = "demo"
+        c.model = "demo"  # or a stage-1 demo's WORKDIR/merged (the chained demo)
+        c.train_data = "demo"
         c.dtype = "float32"
         c.remat = False
         c.lora_rank = 0  # no pretrained base offline: train everything (LoRA is tested separately)

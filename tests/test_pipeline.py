@@ -10,7 +10,7 @@ from PIL import Image
 
 from tests import hf_fixtures
 from unime_jax.data import mmeb
-from unime_jax.data.pipeline import FIELDS, PairTransform, make_pair_iterator
+from unime_jax.data.pipeline import FIELDS, PairTransform, make_batch_iterator
 from unime_jax.models import load_pretrained
 from unime_jax.processing import Processor
 
@@ -85,7 +85,7 @@ def take(iterator, k):
 
 def test_batch_shapes_and_dtypes(records, transform, tiny):
     model, _ = tiny
-    it = make_pair_iterator(
+    it = make_batch_iterator(
         records, transform, global_batch_size=4, seed=0, process_count=1, process_index=0
     )
     batch = next(it)
@@ -132,7 +132,7 @@ def test_examples_without_images(records, transform, tiny):
 
 def test_shuffle_is_seeded(records, transform, lookup):
     def epoch(**kw):
-        it = make_pair_iterator(
+        it = make_batch_iterator(
             records,
             transform,
             global_batch_size=4,
@@ -151,7 +151,7 @@ def test_shuffle_is_seeded(records, transform, lookup):
 
 def test_two_hosts_get_disjoint_rows(records, transform, lookup):
     def host(index, count, batch):
-        it = make_pair_iterator(
+        it = make_batch_iterator(
             records, transform, global_batch_size=batch, seed=3, num_epochs=1,
             process_index=index, process_count=count,
         )  # fmt: skip
@@ -174,12 +174,12 @@ def test_resume_from_state(records, transform):
         {**records[2], "qry": " ".join(["word"] * 200)},
     ]  # one bad row, to count skips too
     kw = dict(global_batch_size=4, seed=7, process_count=1, process_index=0)  # forever
-    it = make_pair_iterator(rows, transform, **kw)
+    it = make_batch_iterator(rows, transform, **kw)
     take(it, 3)
     state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
     rest = take(it, 5)  # crosses several epoch boundaries (13 rows, 4 per batch)
     assert it.skipped == {"too_long": 2}
-    resumed = make_pair_iterator(rows, transform, **kw)
+    resumed = make_batch_iterator(rows, transform, **kw)
     resumed.set_state(state)
     assert resumed.skipped == state["skipped"]
     for a, b in zip(rest, take(resumed, 5)):
@@ -201,7 +201,7 @@ def test_rows_broken_after_conversion_are_skipped(tmp_path, transform, caplog):
     (root / names[1]).unlink()  # used by rows 1 (target) and 9 (query)
     (root / names[0]).write_bytes(b"\x89PNG broken")  # rows 0 (query), 4 (target)
     with caplog.at_level(logging.WARNING, logger="unime_jax.data.pipeline"):
-        it = make_pair_iterator(
+        it = make_batch_iterator(
             source,
             transform,
             global_batch_size=2,
@@ -221,7 +221,7 @@ def test_rows_broken_after_conversion_are_skipped(tmp_path, transform, caplog):
 def test_pipeline_arrays_match_processor_and_model(records, transform, tiny):
     """The per-example arrays, batched, give the embeddings of the processor → model path."""
     model, p = tiny
-    it = make_pair_iterator(
+    it = make_batch_iterator(
         records,
         transform,
         global_batch_size=4,
@@ -246,9 +246,9 @@ def test_pipeline_arrays_match_processor_and_model(records, transform, tiny):
 def test_worker_processes_give_the_same_batches_and_counts(records, transform, tmp_path):
     rows = [*records, {**records[0], "qry_image": str(tmp_path / "gone.png")}]
     kw = dict(global_batch_size=4, seed=5, num_epochs=1, process_count=1, process_index=0)
-    local = make_pair_iterator(rows, transform, **kw)
+    local = make_batch_iterator(rows, transform, **kw)
     want = list(local)
-    workers = make_pair_iterator(rows, transform, worker_count=1, **kw)
+    workers = make_batch_iterator(rows, transform, worker_count=1, **kw)
     try:
         got = list(workers)
     finally:

@@ -1,4 +1,4 @@
-"""Stage-2 trainer: config validation, the jitted step (compiles once, skips non-finite steps,
+"""The trainer (stage 2 here; stage 1 in test_stage1.py): config validation, the jitted step (compiles once, skips non-finite steps,
 GradCache chunking does not change the update, LoRA-only updates), checkpoints and exact resume
 after kill -9 and SIGTERM, metrics files."""
 
@@ -42,11 +42,12 @@ def tiny_cfg(**overrides):
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(tmp_path_factory):
     """Model, data and step of the tiny demo config on the 8-device mesh."""
     cfg = tiny_cfg()
     mesh = sharding.make_mesh(dict(cfg.mesh))
-    module, processor, max_tiles = train.build_model(cfg, mesh)
+    directory = train.base_checkpoint(cfg, str(tmp_path_factory.mktemp("demo")))
+    module, processor, max_tiles = train.build_model(cfg, mesh, directory)
     graphdef, trainable, frozen = nnx.split(module, nnx.Param, ...)
     tx = steps.make_optimizer(cfg)
     data = train.make_data(cfg, processor, max_tiles)

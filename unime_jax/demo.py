@@ -1,13 +1,19 @@
 """The offline demo: a tiny LLaVA-OneVision-style model, its tokenizer and image processor, all
 built without downloads, and the held-out evaluation on the synthetic shapes world.
 
-No pretrained base exists offline, so the demo model is randomly initialised and (by default)
-trains all parameters; the LoRA path is the same code with ``lora_rank > 0``.
+No pretrained base exists offline, so the demo model is randomly initialised (seeded) and
+written once as a real HF checkpoint directory (:func:`base_checkpoint`): both stages then load
+it through the same loader as a 7B model, and stage 1 can hand stage 2 a merged checkpoint.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from transformers import LlavaOnevisionImageProcessorPil
 
 from unime_jax import tiny
@@ -15,7 +21,9 @@ from unime_jax.data import shapes
 from unime_jax.embedder import Embedder
 from unime_jax.eval.metrics import compositional_accuracy, image_text_retrieval, sugarcrepe_summary
 from unime_jax.models.config import LlavaConfig
+from unime_jax.models.mllm import LlavaModel
 from unime_jax.processing import Processor
+from unime_jax.weights import export
 
 IMAGE_SIZE = 64  # the shapes are rendered at this size; one 64 px tile (+ the base view)
 
@@ -59,6 +67,19 @@ def build() -> tuple[LlavaConfig, Processor]:
         )
     )
     return config, Processor(tokenizer, image_processor, config)
+
+
+def base_checkpoint(directory: str | os.PathLike, *, seed: int = 0) -> Path:
+    """The randomly initialised demo model (``nnx.Rngs(seed)``) as an HF checkpoint directory,
+    written on first use (atomically) and reused afterwards."""
+    directory = Path(directory)
+    if (directory / "config.json").exists():
+        return directory
+    config, processor = build()
+    module = LlavaModel(config, rngs=nnx.Rngs(seed), dtype=jnp.float32)
+    hf_config = demo_hf_config(processor.tokenizer)
+    export.export_hf(module, directory, hf_config=hf_config, processor=processor)
+    return directory
 
 
 def evaluate(embedder: Embedder, *, seed: int = 1, n: int = 200) -> dict[str, float]:

@@ -35,7 +35,7 @@ from jax import lax
 PyTree = Any
 # encode(params, inputs_chunk, key) -> (n, D) float32 embeddings.
 EncodeFn = Callable[[PyTree, PyTree, jax.Array], jax.Array]
-# loss_fn(query_emb, target_emb) -> (loss, aux), or just loss when has_aux=False.
+# loss_fn(*side_embs) -> (loss, aux), or just loss when has_aux=False.
 LossFn = Callable[[jax.Array, jax.Array], Any]
 
 # Side ids folded into the step key, so queries and targets never share dropout masks.
@@ -141,43 +141,43 @@ def gradcache_value_and_grad(
     encode: EncodeFn,
     loss_fn: LossFn,
     params: PyTree,
-    query_inputs: PyTree,
-    target_inputs: PyTree,
-    *,
+    *side_inputs: PyTree,
     num_chunks: int,
     key: jax.Array,
     has_aux: bool = True,
 ) -> tuple[Any, PyTree]:
-    """Full-batch ``value_and_grad`` of ``loss_fn(encode(queries), encode(targets))`` by GradCache.
+    """Full-batch ``value_and_grad`` of ``loss_fn(*[encode(side) for side in side_inputs])``.
 
-    Returns ``((loss, aux), grads)`` (``(loss, grads)`` when ``has_aux=False``, as with
-    ``jax.value_and_grad``). ``grads`` has the tree structure and dtypes of ``params`` (an
-    ``nnx.State`` works like any pytree); chunk gradients are summed in float32 and cast to
-    each parameter's dtype once at the end.
+    Stage 2 passes two sides (queries, targets); stage 1 passes one (the student's sentences,
+    with the teacher embeddings closed over by ``loss_fn``). Returns ``((loss, aux), grads)``
+    (``(loss, grads)`` when ``has_aux=False``, as with ``jax.value_and_grad``). ``grads`` has
+    the tree structure and dtypes of ``params`` (an ``nnx.State`` works like any pytree); chunk
+    gradients are summed in float32 and cast to each parameter's dtype once at the end.
 
-    Queries and targets may have different structures (texts vs images), so each side is
-    chunked and encoded separately, both with ``num_chunks`` chunks; their batch sizes must be
-    divisible by ``num_chunks``.
+    Sides may have different structures (texts vs images), so each is chunked and encoded
+    separately, all with ``num_chunks`` chunks; their batch sizes must be divisible by it.
 
-    Key scheme: side ``s`` (``QUERY_SIDE = 0``, ``TARGET_SIDE = 1``) chunk ``j`` is encoded with
-    ``fold_in(fold_in(key, s), j)`` in both passes, so dropout in the re-run equals the masks
-    that made the cached embeddings.
+    Key scheme: side ``s`` (``QUERY_SIDE = 0``, ``TARGET_SIDE = 1``, ...) chunk ``j`` is encoded
+    with ``fold_in(fold_in(key, s), j)`` in both passes, so dropout in the re-run equals the
+    masks that made the cached embeddings.
     """
-    q_key = jax.random.fold_in(key, QUERY_SIDE)
-    t_key = jax.random.fold_in(key, TARGET_SIDE)
+    if not side_inputs:
+        raise ValueError("gradcache_value_and_grad needs at least one side of inputs")
+    side_keys = [jax.random.fold_in(key, s) for s in range(len(side_inputs))]
 
     # Pass 1: embeddings only. Nothing is differentiated here, so the scans keep no residuals.
-    q_emb = embed_in_chunks(encode, params, query_inputs, num_chunks, q_key)
-    t_emb = embed_in_chunks(encode, params, target_inputs, num_chunks, t_key)
+    embs = [
+        embed_in_chunks(encode, params, inputs, num_chunks, k)
+        for inputs, k in zip(side_inputs, side_keys, strict=True)
+    ]
 
     # The loss on the full global batch, and the gradient "cache" d loss / d embeddings.
-    value, (q_grad, t_grad) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=has_aux)(
-        q_emb, t_emb
-    )
+    argnums = tuple(range(len(embs)))
+    value, emb_grads = jax.value_and_grad(loss_fn, argnums=argnums, has_aux=has_aux)(*embs)
 
-    # Pass 2: re-run each chunk with its embedding gradient; one float32 accumulator for both.
+    # Pass 2: re-run each chunk with its embedding gradient; one float32 accumulator for all.
     acc = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
-    acc = _accumulate_param_grads(encode, params, query_inputs, q_grad, num_chunks, q_key, acc)
-    acc = _accumulate_param_grads(encode, params, target_inputs, t_grad, num_chunks, t_key, acc)
+    for inputs, grad, k in zip(side_inputs, emb_grads, side_keys, strict=True):
+        acc = _accumulate_param_grads(encode, params, inputs, grad, num_chunks, k, acc)
     grads = jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
     return value, grads

@@ -1,4 +1,4 @@
-"""Entry point: ``python -m unime_jax.main --config=configs/stage2.py[:preset] --workdir=DIR``.
+"""Entry point: ``python -m unime_jax.main --config=configs/stage{1,2}.py[:preset] --workdir=DIR``.
 
 Overrides use ml_collections syntax, e.g. ``--config.lr=2e-5 --config.mesh.tensor=4``.
 On a multi-host TPU slice every host runs the same command (see tpu_scripts/).
@@ -40,8 +40,10 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize()
     cache = os.path.expanduser("~/.cache/unime_jax/jax")
     jax.config.update("jax_compilation_cache_dir", cache)
-    if cfg.stage != 2:
-        raise app.UsageError(f"stage {cfg.stage} has no trainer; configs/stage2.py runs stage 2")
+    if cfg.stage not in (1, 2):
+        raise app.UsageError(
+            f"stage {cfg.stage} does not exist; use configs/stage1.py or stage2.py"
+        )
     from unime_jax import train
 
     train.run(cfg, _WORKDIR.value)

@@ -21,8 +21,6 @@ from unime_jax import losses, sharding
 from unime_jax.gradcache import gradcache_value_and_grad
 from unime_jax.models.mllm import last_token_pool
 
-SIDES = ("query", "target")
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -87,17 +85,41 @@ def init_state(
     return jax.jit(create, out_shardings=train_state_shardings(trainable, tx, mesh))(trainable)
 
 
-def make_loss_fn(cfg) -> Callable:
-    """(query_emb, target_emb, step) -> (loss, metrics) for the configured objective.
+STAGE_SIDES = {1: ("text",), 2: ("query", "target")}
 
-    ``infonce_steps`` > 0 uses plain in-batch InfoNCE for the first steps: a model trained from
-    scratch (the offline demo) starts with collapsed embeddings, where mined hard negatives
-    only pull it further into collapse. UniME itself starts from a pretrained MLLM (0 steps).
+
+def make_loss_fn(cfg) -> Callable:
+    """``(embeddings, extras, step) -> (loss, metrics)`` for the configured stage.
+
+    Stage 1: ``embeddings = (student,)`` and ``extras["teacher"]`` holds the precomputed teacher
+    vectors of the same rows; the loss is :func:`losses.similarity_kd`.
+
+    Stage 2: ``embeddings = (query, target)``. ``infonce_steps`` > 0 uses plain in-batch
+    InfoNCE for the first steps: a model trained from scratch (the offline demo) starts with
+    collapsed embeddings, where mined hard negatives only pull it further into collapse. UniME
+    itself starts from a pretrained MLLM (0 steps).
     """
+    if cfg.stage == 1:
+
+        def distill(embs, extras, step):
+            del step
+            loss = losses.similarity_kd(
+                embs[0],
+                extras["teacher"],
+                temperature=cfg.kd_temperature,
+                direction=cfg.kd_direction,
+                keep_diagonal=cfg.kd_keep_diagonal,
+            )
+            return loss, {"kd_loss": loss}
+
+        return distill
+
     if cfg.loss not in ("hard_negative", "infonce"):
         raise ValueError(f"unknown loss {cfg.loss!r}; use hard_negative or infonce")
 
-    def contrastive(q, t, step):
+    def contrastive(embs, extras, step):
+        del extras
+        q, t = embs
         plain, plain_metrics = losses.infonce(
             q, t, temperature=cfg.temperature, return_metrics=True
         )
@@ -120,12 +142,14 @@ def make_loss_fn(cfg) -> Callable:
     return contrastive
 
 
-def split_sides(batch: dict[str, jax.Array]) -> tuple[dict, dict]:
-    """``query_input_ids`` ... -> ({"input_ids": ...}, {...}) for each side of a pair batch."""
-    return tuple(
+def split_batch(batch: dict[str, jax.Array], sides: tuple[str, ...]) -> tuple[tuple, dict]:
+    """``{"query_input_ids": ..., "teacher": ...}`` -> (per-side model inputs, other arrays)."""
+    side_inputs = tuple(
         {k[len(side) + 1 :]: v for k, v in batch.items() if k.startswith(side + "_")}
-        for side in SIDES
+        for side in sides
     )
+    extras = {k: v for k, v in batch.items() if not k.startswith(tuple(s + "_" for s in sides))}
+    return side_inputs, extras
 
 
 def make_train_step(
@@ -138,7 +162,8 @@ def make_train_step(
 ) -> Callable:
     """Returns ``step(state, frozen, batch) -> (state, metrics)``, jitted with the shardings of
     ``trainable`` / ``frozen`` (concrete or abstract) and the train state donated. The batch
-    holds ``query_*`` and ``target_*`` model inputs (see :func:`split_sides`).
+    holds the model inputs of each side of ``STAGE_SIDES[cfg.stage]`` (``query_*`` and
+    ``target_*``, or ``text_*``) plus any extra arrays the loss reads (see :func:`split_batch`).
     """
     loss_fn = make_loss_fn(cfg)
 
@@ -149,13 +174,12 @@ def make_train_step(
 
     def step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array]):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        query, target = split_sides(batch)
+        side_inputs, extras = split_batch(batch, STAGE_SIDES[cfg.stage])
         (loss, aux), grads = gradcache_value_and_grad(
             lambda p, x, k: encode(p, frozen, x, k),
-            lambda q, t: loss_fn(q, t, state.step),
+            lambda *embs: loss_fn(embs, extras, state.step),
             state.trainable,
-            query,
-            target,
+            *side_inputs,
             num_chunks=cfg.num_chunks,
             key=key,
         )

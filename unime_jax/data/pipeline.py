@@ -1,4 +1,5 @@
-"""Stage-2 (query, target) pairs → fixed-shape host batches, with grain.
+"""Training rows → fixed-shape host batches, with grain: stage-2 (query, target) pairs here,
+stage-1 sentences via :class:`unime_jax.data.sentences.SentenceTransform` (same iterator).
 
 Records come from :func:`unime_jax.data.mmeb.open_dataset` or any in-memory sequence of dicts
 with ``qry`` / ``qry_image`` / ``pos_text`` / ``pos_image`` (the converter's ``*_image_path``
@@ -14,7 +15,7 @@ turns one record into numpy arrays of one fixed shape per side::
 with L = ``query_length`` / ``target_length``. Dropping the prefix gives exactly the batch
 ``EmbeddingModel.run`` takes.
 
-The pipeline (:func:`make_pair_iterator`) is grain's dataset API::
+The pipeline (:func:`make_batch_iterator`) is grain's dataset API::
 
     MapDataset.source(records)          random access
       .map_with_index(attach row index)
@@ -208,7 +209,7 @@ class _DropBadRows(grain.transforms.Filter):
         return False
 
 
-class PairIterator(grain.DatasetIterator):
+class BatchIterator(grain.DatasetIterator):
     """The host-local batch iterator. ``get_state()`` is a JSON-serialisable dict:
     ``{"pipeline": <grain state>, "skipped": {reason: count}}``; ``set_state`` restores both, so a
     resumed iterator yields exactly the batches an uninterrupted one would. Being a grain
@@ -257,7 +258,7 @@ def _mark_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def make_pair_iterator(
+def make_batch_iterator(
     source: Sequence[Mapping[str, Any]],
     transform: PairTransform,
     *,
@@ -269,7 +270,7 @@ def make_pair_iterator(
     worker_buffer_size: int = 4,
     process_index: int | None = None,
     process_count: int | None = None,
-) -> PairIterator:
+) -> BatchIterator:
     """Host-local batches of ``global_batch_size // process_count`` examples (module doc).
 
     ``process_index`` / ``process_count`` default to JAX's; each host gets every
@@ -307,4 +308,4 @@ def make_pair_iterator(
         )
     dropper = _DropBadRows()
     it = it.filter(dropper).batch(global_batch_size // process_count, drop_remainder=True)
-    return PairIterator(iter(it), dropper)
+    return BatchIterator(iter(it), dropper)

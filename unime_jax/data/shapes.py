@@ -564,9 +564,24 @@ def training_rows(seed: int, n: int, *, image_size: int = 64) -> list[dict[str, 
 
 
 def training_sentences(seed: int, n: int) -> list[str]:
-    """Captions of the first ``n`` training scenes (the same scenes as ``training_rows``), for
-    stage-1 text distillation."""
+    """Captions of the first ``n`` training scenes (the same scenes as ``training_rows``)."""
     return [caption(s) for s in make_split(seed, n, held_out=False)]
+
+
+def nli_rows(seed: int, n: int, *, held_out: bool = False) -> list[dict[str, str]]:
+    """``n`` stage-1 rows in the SimCSE NLI layout (``sent0, sent1, hard_neg``) from the demo
+    world: a caption, another true wording of the same scene (the caption itself when the
+    grammar has only one), and a one-edit false caption of a random SugarCrepe type."""
+    rng = random.Random(f"nli|{int(seed)}|{held_out}")
+    rows = []
+    for scene in make_split(seed, n, held_out=held_out, unique=held_out):
+        text = caption(scene)
+        wordings = sorted(equivalent_captions(scene) - {text}) or [text]
+        kinds = list(NEGATIVE_TYPES)
+        rng.shuffle(kinds)
+        hard = next(filter(None, (negative(scene, k, rng) for k in kinds)), "")
+        rows.append({"sent0": text, "sent1": rng.choice(wordings), "hard_neg": hard})
+    return rows
 
 
 def retrieval_set(

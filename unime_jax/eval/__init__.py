@@ -1,1 +1,3 @@
-"""Evaluation: dataset loaders (datasets), evaluators (evaluators) and exact metrics (metrics)."""
+"""Evaluation: dataset loaders (datasets), evaluators (evaluators), exact metrics (metrics), the
+embedding cache (cache), report plots (plots) and the command line (``python -m unime_jax.eval``,
+with tasks and report)."""

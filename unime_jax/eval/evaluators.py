@@ -12,6 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from unime_jax.eval import metrics
+from unime_jax.eval.cache import EmbeddingCache, with_cache
 from unime_jax.eval.datasets import (
     MMEB_DATASETS,
     MMEB_META_TASKS,
@@ -49,14 +50,20 @@ def _embed(fn, inputs: list, *args) -> np.ndarray:
 
 
 def evaluate_retrieval(
-    encoder: Encoder, dataset: RetrievalSet, ks: Sequence[int] = (1, 5, 10)
+    encoder: Encoder,
+    dataset: RetrievalSet,
+    ks: Sequence[int] = (1, 5, 10),
+    *,
+    cache: EmbeddingCache | None = None,
 ) -> dict:
     """Text→image and image→text R@k (%): captions via ``embed_texts``, images via
     ``embed_images``, each distinct caption / image embedded once. An image query is correct if
     any of its captions is in its top k; ties count against the query (see
-    :func:`metrics.recall_at_k`). Also returns ``num_images`` and ``num_captions``."""
+    :func:`metrics.recall_at_k`). Also returns ``num_images`` and ``num_captions``. With a
+    ``cache``, embeddings are looked up there first and new ones stored."""
     if not dataset.captions:
         raise ValueError("the retrieval set has no captions")
+    encoder = with_cache(encoder, cache)
     texts, text_index = _unique(dataset.captions)
     images, image_index = _unique(dataset.image_paths)
     text_emb = _embed(encoder.embed_texts, texts)[text_index]
@@ -65,12 +72,19 @@ def evaluate_retrieval(
     return out | {"num_images": len(dataset.image_paths), "num_captions": len(dataset.captions)}
 
 
-def evaluate_sugarcrepe(encoder: Encoder, splits: Mapping[str, Sequence[Sequence[str]]]) -> dict:
+def evaluate_sugarcrepe(
+    encoder: Encoder,
+    splits: Mapping[str, Sequence[Sequence[str]]],
+    *,
+    cache: EmbeddingCache | None = None,
+) -> dict:
     """SugarCrepe accuracy (%) per split plus the Replace/Swap/Add means of the splits present
     (:func:`metrics.sugarcrepe_summary`). ``splits`` maps a split name to ``(image, caption,
     negative)`` items. An item is correct iff cos(image, caption) > cos(image, negative), so a
     tie is wrong. Each distinct image and caption (positive or negative, across all splits) is
-    embedded once. ``num_items`` gives the item count per split."""
+    embedded once. ``num_items`` gives the item count per split. ``cache`` as in
+    :func:`evaluate_retrieval`."""
+    encoder = with_cache(encoder, cache)
     items = [(s, item) for s, split_items in splits.items() for item in split_items]
     empty = [s for s, split_items in splits.items() if not split_items]
     if empty:
@@ -104,7 +118,12 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def evaluate_mmeb(encoder: Encoder, rows_by_dataset: Mapping[str, Sequence[MmebRow]]) -> dict:
+def evaluate_mmeb(
+    encoder: Encoder,
+    rows_by_dataset: Mapping[str, Sequence[MmebRow]],
+    *,
+    cache: EmbeddingCache | None = None,
+) -> dict:
     """MMEB Precision@1 (%) per dataset and aggregated.
 
     Queries and candidates go through ``embed_instructions`` (texts verbatim, image per input
@@ -125,8 +144,9 @@ def evaluate_mmeb(encoder: Encoder, rows_by_dataset: Mapping[str, Sequence[MmebR
         missing_datasets   MMEB datasets not given (aggregates are then partial)
 
     An aggregate whose group is empty is ``None``. Dataset names are canonicalised
-    (``imagenet_1k`` → ``ImageNet-1K``).
+    (``imagenet_1k`` → ``ImageNet-1K``). ``cache`` as in :func:`evaluate_retrieval`.
     """
+    encoder = with_cache(encoder, cache)
     per_dataset: dict[str, float] = {}
     num_rows: dict[str, int] = {}
     for raw_name, rows in rows_by_dataset.items():

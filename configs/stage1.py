@@ -1,0 +1,90 @@
+"""Stage 1: textual discriminative knowledge distillation into the LLM (UniME §stage 1).
+
+    # 1. teacher embeddings, once, offline (PyTorch; GPU when present):
+    python -m unime_jax.teacher --corpus nli_for_simcse.csv --out /data/nv_embed_nli \
+        --teacher /ckpt/NV-Embed-v2 --dtype float16
+    # 2. distillation; writes WORKDIR/merged, an HF checkpoint stage 2 starts from:
+    python -m unime_jax.main --config=configs/stage1.py --workdir=runs/s1 \
+        --config.model=/ckpt/llava-onevision-qwen2-7b-ov-hf \
+        --config.corpus=nli_for_simcse.csv --config.teacher_dir=/data/nv_embed_nli
+    python -m unime_jax.main --config=configs/stage2.py --workdir=runs/s2 \
+        --config.model=runs/s1/merged --config.train_data=/data/mmeb_train
+
+    python -m unime_jax.main --config=configs/stage1.py:demo --workdir=runs/demo_s1   # offline
+
+Presets: ``llava_onevision_7b`` / ``llava_next_7b`` (the paper's recipe; identical for both
+backbones) and ``demo`` (the demo model on demo-world captions with the MiniLM teacher).
+"""
+
+import ml_collections
+
+from configs.stage2 import base as stage2_base
+
+
+def base() -> ml_collections.ConfigDict:
+    c = stage2_base()  # model, dtype, optimiser, mesh and bookkeeping fields are shared
+    c.stage = 1
+    for field in (
+        "train_data",
+        "image_root",
+        "query_length",
+        "target_length",
+        "max_tiles",
+        "loss",
+        "temperature",
+        "margin",
+        "filter_false_negatives",
+        "num_hard_negatives",
+        "infonce_steps",
+    ):
+        del c[field]
+    # Data: a SimCSE NLI CSV (sent0, sent1, hard_neg) or a one-sentence-per-line file, and the
+    # output directory of `python -m unime_jax.teacher` for exactly that file.
+    c.corpus = ""
+    c.teacher_dir = ""
+    c.eval_corpus = ""  # optional held-out sentences (+ their teacher_dir) for teacher agreement
+    c.eval_teacher_dir = ""
+    c.max_sentence_tokens = 32  # E5-V's truncation, before the chat template
+    c.text_length = 96  # fixed token length on device: chat template (~20-35) + 32 tokens
+    # Loss: mean_i KL(P_teacher[i] || P_student[i]) over the global batch (directions: open).
+    c.kd_temperature = 0.05  # open in the paper
+    c.kd_direction = "teacher_student"  # or "student_teacher", "symmetric"
+    c.kd_keep_diagonal = True
+    # Optimisation (E5-V / UniME): 2 epochs of batch 768, lr 5e-4, warmup 100.
+    c.batch_size = 768
+    c.num_chunks = 8
+    c.num_epochs = 2
+    c.num_steps = 0  # 0 = num_epochs over the corpus
+    c.warmup_steps = 100
+    c.lr = 5e-4
+    # LoRA on the LLM only (E5-V values; alpha and dropout are open in the paper).
+    c.lora_rank = 32
+    c.lora_alpha = 16.0
+    c.lora_dropout = 0.05
+    c.lora_targets = "llm"
+    c.demo_teacher = "all-MiniLM-L6-v2"
+    return c
+
+
+def get_config(preset: str = "llava_onevision_7b") -> ml_collections.ConfigDict:
+    c = base()
+    if preset in ("llava_onevision_7b", "llava_next_7b"):
+        return c
+    if preset == "demo":
+        c.model = "demo"
+        c.corpus = "demo"  # written with its MiniLM teacher files under WORKDIR/demo_data
+        c.dtype = "float32"
+        c.remat = False
+        c.lora_dropout = 0.0
+        c.batch_size = 64
+        c.num_chunks = 2
+        c.num_epochs = 1
+        c.warmup_steps = 20
+        c.lr = 3e-3
+        c.text_length = 64
+        c.demo_train_rows = 4000  # x3 sentences (sent0, sent1, hard_neg)
+        c.demo_eval_size = 200
+        return c
+    raise ValueError(
+        f"unknown stage-1 preset {preset!r}; use llava_onevision_7b, llava_next_7b or demo"
+    )

@@ -1,0 +1,209 @@
+"""Stage 1: sentence data, teacher-file checks, the distillation step (LoRA-only, LLM-only, exact
+under GradCache chunking), and the demo chain stage 1 → merged checkpoint → stage 2."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import scipy.stats
+from flax import nnx
+
+from configs import stage1 as stage1_config
+from configs import stage2 as stage2_config
+from unime_jax import sharding, stage1, steps, teacher, train
+from unime_jax.data.sentences import SentenceTransform, open_sentences, truncate
+from unime_jax.embedder import Embedder
+from unime_jax.models.lora import apply_lora
+from unime_jax.weights import loader
+
+
+class HashTeacher:
+    """A deterministic torch-free teacher: a random unit vector per sentence."""
+
+    name, dim = "hash-teacher", 24
+
+    def encode(self, sentences, instruction=None):
+        seeds = [sum(map(ord, s)) for s in sentences]
+        return np.stack([np.random.default_rng(s).normal(size=self.dim) for s in seeds])
+
+
+def tiny_cfg(**overrides):
+    cfg = stage1_config.get_config("demo")
+    cfg.update(
+        batch_size=16,
+        num_chunks=2,
+        num_steps=4,
+        warmup_steps=1,
+        log_every=1,
+        checkpoint_every=2,
+        demo_train_rows=32,
+        demo_eval_size=16,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    path = stage1.write_nli_csv(root / "nli.csv", stage1.shapes.nli_rows(0, 24))
+    teacher.precompute(teacher.read_corpus(path, verbose=False), root / "t", teacher=HashTeacher())
+    return path, root / "t"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, corpus):
+    """Text-only demo model, stage-1 data and optimiser on the 8-device mesh."""
+    cfg = tiny_cfg(corpus=str(corpus[0]), teacher_dir=str(corpus[1]))
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    directory = train.base_checkpoint(cfg, str(tmp_path_factory.mktemp("demo")))
+    module, processor, max_tiles = train.build_model(cfg, mesh, directory)
+    apply_lora(module, train.lora_targets("llm"), rank=4, alpha=8.0, rngs=nnx.Rngs(1))
+    graphdef, trainable, frozen = nnx.split(module, nnx.LoRAParam, ...)
+    data, source = stage1.make_data(cfg, processor)
+    batches = [sharding.put_batch(next(data), mesh) for _ in range(2)]
+    return cfg, mesh, module, processor, max_tiles, graphdef, trainable, frozen, batches, source
+
+
+def test_truncation_keeps_the_prompt_suffix(setup):
+    cfg, *_, processor = setup[:4]
+    tok = processor.tokenizer
+    long = " ".join(f"word{i}" for i in range(200))
+    short = truncate(tok, long, 32)
+    assert len(tok(short, add_special_tokens=False)["input_ids"]) == 32
+    assert truncate(tok, "a red circle", 32) == "a red circle"
+    transform = SentenceTransform(processor, length=cfg.text_length, max_sentence_tokens=32)
+    closing = processor.text_prompt("SENTENCE").split("SENTENCE", 1)[1]  # "\nSummary above ..."
+    assert transform.prompt(long).endswith(closing)
+    out = transform.map({"id": "0:sent0", "sentence": long, "teacher": np.ones(5)})
+    assert out["text_input_ids"].shape == (cfg.text_length,)
+    assert out["teacher"].dtype == np.float32
+    tight = SentenceTransform(processor, length=8).map(
+        {"id": "7:sent1", "sentence": long, "teacher": 0}
+    )
+    assert tight["_skip"] == "too_long" and tight["id"] == "7:sent1"
+
+
+def test_batches_carry_teacher_vectors(setup):
+    cfg, *_, batches, source = setup
+    batch = batches[0]
+    assert set(batch) == {"text_input_ids", "text_attention_mask", "teacher"}
+    assert batch["teacher"].shape == (cfg.batch_size, HashTeacher.dim)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(batch["teacher"]), axis=-1), 1, atol=1e-5)
+    assert len(source) == 72  # 24 rows x (sent0, sent1, hard_neg)
+
+
+def test_teacher_files_of_another_corpus_are_refused(tmp_path, corpus):
+    other = stage1.write_nli_csv(tmp_path / "other.csv", stage1.shapes.nli_rows(5, 24))
+    with pytest.raises(ValueError, match="do not belong to"):
+        open_sentences(other, corpus[1])
+    shorter = stage1.write_nli_csv(tmp_path / "short.csv", stage1.shapes.nli_rows(0, 20))
+    with pytest.raises(ValueError, match=r"count|checksum"):
+        open_sentences(shorter, corpus[1])
+    with pytest.raises(FileNotFoundError, match="run the teacher precompute"):
+        open_sentences(corpus[0], tmp_path / "missing")
+
+
+def test_only_the_llm_is_built(setup):
+    module, max_tiles = setup[2], setup[4]
+    assert module.vision is None and module.projector is None and max_tiles == 0
+    names = {
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(nnx.state(module))[0]
+    }
+    assert names and all("llm" in n for n in names)
+
+
+def test_step_trains_only_adapters_and_chunking_is_exact(setup):
+    cfg, mesh, _, _, _, graphdef, trainable, frozen, batches, _ = setup
+    tx = steps.make_optimizer(cfg)
+    results = []
+    for chunks in (1, 2):
+        c = tiny_cfg(num_chunks=chunks)
+        step_fn = steps.make_train_step(graphdef, tx, c, mesh, trainable, frozen)
+        state = steps.init_state(trainable, tx, 0, mesh)
+        losses = []
+        for batch in batches * 3:
+            state, metrics = step_fn(state, frozen, batch)
+            losses.append(float(metrics["loss"]))
+        results.append((losses, jax.tree.map(np.asarray, state.trainable)))
+    (losses, params), (losses2, params2) = results
+    assert losses[-1] < losses[0] and np.isfinite(losses).all()
+    np.testing.assert_allclose(losses, losses2, rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, params2)
+    names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert names and all("lora_a" in n or "lora_b" in n for n in names)
+    # The frozen LLM weights are an input of the step, never an output: they cannot change.
+    assert jax.tree.structure(state.trainable) == jax.tree.structure(trainable)
+
+
+def test_spearman_matches_scipy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=300), rng.normal(size=300)
+    b = a + 0.5 * b
+    assert stage1.spearman(a, b) == pytest.approx(scipy.stats.spearmanr(a, b).statistic, abs=1e-9)
+
+
+def test_config_validation(tmp_path):
+    mesh = sharding.make_mesh()
+    real = stage1_config.get_config()
+    real.model = "/some/model"
+    with pytest.raises(train.ConfigError, match="teacher embeddings"):
+        train.validate(real, mesh)
+    with pytest.raises(ValueError, match="unknown stage-1 preset"):
+        stage1_config.get_config("nope")
+
+
+@pytest.mark.slow
+def test_demo_chain_stage1_merged_then_stage2(tmp_path):
+    """Stage-1 demo (real MiniLM teacher) → WORKDIR/merged → stage 2 starts from it."""
+    s1 = tmp_path / "s1"
+    results = train.run(tiny_cfg(), str(s1))
+    assert set(results["before"]) >= {"spearman", "kd_loss", "hard_neg_acc"}
+    assert results["after"]["kd_loss"] < results["before"]["kd_loss"]
+    merged = s1 / "merged"
+    assert json.loads((s1 / "results.json").read_text())["merged"] == str(merged)
+
+    # Merge then reload equals the trained (unmerged LoRA) forward: same agreement numbers.
+    model = loader.load_pretrained(merged, mesh=sharding.make_mesh(), text_only=True)
+    eval_set = open_sentences(s1 / "demo_data" / "eval.csv", s1 / "demo_data" / "teacher_eval")
+    cfg = tiny_cfg()
+    reloaded = stage1.teacher_agreement(
+        Embedder(model, model_processor(merged, model), batch_size=64, progress=False),
+        eval_set,
+        max_sentence_tokens=cfg.max_sentence_tokens,
+        cfg=cfg,
+    )
+    assert reloaded["kd_loss"] == pytest.approx(results["after"]["kd_loss"], rel=1e-4)
+    assert reloaded["spearman"] == pytest.approx(results["after"]["spearman"], abs=1e-4)
+
+    # The vision tower and projector are the base model's, byte for byte.
+    from safetensors.numpy import load_file
+
+    base = load_file(s1 / "demo_base" / "model.safetensors")
+    out = load_file(merged / "model.safetensors")
+    vision = [k for k in base if "vision_tower" in k or "multi_modal_projector" in k]
+    assert vision and all(np.array_equal(base[k], out[k]) for k in vision)
+    llm = [k for k in base if "language_model" in k and "q_proj.weight" in k]
+    assert any(not np.array_equal(base[k], out[k]) for k in llm)  # the LoRA was folded in
+
+    s2 = stage2_config.get_config("demo")
+    s2.update(
+        model=str(merged),
+        batch_size=16,
+        num_chunks=2,
+        num_steps=2,
+        warmup_steps=1,
+        demo_train_rows=32,
+        demo_eval_size=0,
+        query_length=48,
+        target_length=48,
+    )
+    assert train.run(s2, str(tmp_path / "s2"))["steps"] == 2
+
+
+def model_processor(directory, model):
+    from unime_jax.processing import Processor
+
+    return Processor.from_pretrained(directory, model.config)
