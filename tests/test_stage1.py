@@ -2,6 +2,7 @@
 under GradCache chunking), and the demo chain stage 1 → merged checkpoint → stage 2."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -207,3 +208,17 @@ def model_processor(directory, model):
     from unime_jax.processing import Processor
 
     return Processor.from_pretrained(directory, model.config)
+
+
+def test_resume_continues_exactly(tmp_path, corpus):
+    """The shared loop resumes stage 1 too: sentence-iterator state and train state restored."""
+    cfg = tiny_cfg(
+        corpus=str(corpus[0]), teacher_dir=str(corpus[1]), eval_corpus="", export_merged=False
+    )
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.run(cfg, str(straight))
+    train.run(cfg, str(resumed))
+    shutil.rmtree(resumed / "checkpoints" / "4")  # as if killed after the step-2 checkpoint
+    train.run(cfg, str(resumed))
+    digest = [json.loads((d / "final_state_digest.json").read_text()) for d in (straight, resumed)]
+    assert digest[0] == digest[1] and digest[0]["step"] == 4
