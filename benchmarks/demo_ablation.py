@@ -4,7 +4,7 @@
 
 Every variant trains the demo preset (configs/stage2.py:demo) from the same seed and data and
 reports held-out retrieval R@1 and SugarCrepe-style accuracy; the markdown table is printed and
-written to WORKDIR/ablation.md. Takes ~6 minutes per variant on a 2-core CPU.
+written to WORKDIR/ablation.md. Takes 2.5 to 6 minutes per variant on a 2-core CPU.
 """
 
 from __future__ import annotations

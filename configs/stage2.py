@@ -85,7 +85,7 @@ def get_config(preset: str = "llava_onevision_7b") -> ml_collections.ConfigDict:
         c.num_chunks = 2
         c.num_steps = 300
         c.warmup_steps = 30
-        c.lr = 3e-3
+        c.lr = 1e-3  # 3e-3 learns faster but ends 14-28 points lower in held-out R@1 (2 seeds)
         c.weight_decay = 0.01
         c.temperature = 0.05
         # A from-scratch model starts collapsed: in-batch InfoNCE first stands in for the

@@ -276,6 +276,13 @@ def run(cfg, workdir: str) -> dict:
         print(format_results(results))
     if cfg.export_merged and step == cfg.num_steps:
         results["merged"] = export_merged(graphdef, state.trainable, frozen, directory, workdir)
+        follow_up = "start stage 2 with" if cfg.stage == 1 else "evaluate or embed with"
+        log.info(
+            "merged model written to %s; %s --config.model=%s",
+            results["merged"],
+            follow_up,
+            results["merged"],
+        )
     _write_json(results_path, results)
     _write_json(
         os.path.join(workdir, "final_state_digest.json"),
@@ -290,11 +297,6 @@ def export_merged(graphdef, trainable, frozen, base_dir: str, workdir: str) -> s
     For stage 2 it is the final embedding model (Embedder, the eval CLI and transformers load it)."""
     out = os.path.join(workdir, "merged")  # export_hf folds the adapters in (on a copy)
     export.export_hf(nnx.merge(graphdef, trainable, frozen), out, base_dir=base_dir, overwrite=True)
-    log.info(
-        "stage-1 model with merged LoRA written to %s; start stage 2 with --config.model=%s",
-        out,
-        out,
-    )
     return out
 
 

@@ -1,4 +1,5 @@
-"""Evaluation-set loaders: COCO / Flickr30K / long-caption retrieval, SugarCrepe, MMEB-eval.
+"""Evaluation-set loaders: COCO / Flickr30K / long-caption retrieval and SugarCrepe (MMEB-eval:
+:mod:`unime_jax.eval.mmeb`), and the checking helpers they share.
 
 Every loader validates all of its input before returning and reports problems in a
 :class:`DatasetError` whose message names the file, the offending entries (row numbers / ids,
@@ -42,7 +43,7 @@ class DatasetError(ValueError):
     """An evaluation file that cannot be used as is; the message says where and what to fix."""
 
 
-class _Problems:
+class Problems:
     """Collects problems of one file and raises them together."""
 
     def __init__(self, source: str | os.PathLike):
@@ -63,26 +64,26 @@ class _Problems:
         )
 
 
-class _BadEntry(Exception):
+class BadEntry(Exception):
     pass
 
 
 def resolve_image(root: str | os.PathLike, raw: Any) -> str:
     """``root / raw`` as a string, for a relative path that stays inside ``root``.
 
-    Raises :class:`_BadEntry` for a non-string / empty path, an absolute path or one whose
+    Raises :class:`BadEntry` for a non-string / empty path, an absolute path or one whose
     ``..`` leaves the root, and for a file that does not exist.
     """
     if not isinstance(raw, str) or not raw.strip():
-        raise _BadEntry(f"image path {raw!r} is not a non-empty string")
+        raise BadEntry(f"image path {raw!r} is not a non-empty string")
     if raw.startswith(("/", "\\")) or os.path.isabs(raw) or re.match(r"^[A-Za-z]:", raw):
-        raise _BadEntry(f"image path {raw!r} is absolute; give it relative to the image root")
+        raise BadEntry(f"image path {raw!r} is absolute; give it relative to the image root")
     rel = posixpath.normpath(raw.replace("\\", "/"))
     if rel == ".." or rel.startswith("../"):
-        raise _BadEntry(f"image path {raw!r} leaves the image root {str(root)!r}")
+        raise BadEntry(f"image path {raw!r} leaves the image root {str(root)!r}")
     path = Path(root) / rel
     if not path.is_file():
-        raise _BadEntry(f"image file {str(path)!r} does not exist")
+        raise BadEntry(f"image file {str(path)!r} does not exist")
     return str(path)
 
 
@@ -99,13 +100,13 @@ def _load_json(path: Path) -> Any:
         ) from None
 
 
-def _read_json_rows(path: Path) -> list[tuple[int, Any]]:
+def read_json_rows(path: Path) -> list[tuple[int, Any]]:
     """(row number, row) pairs of a JSONL file (1-based line numbers) or a JSON list (0-based
     indices); an unparseable JSONL line raises with its line number."""
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
     if path.suffix == ".jsonl":
-        rows, bad = [], _Problems(path)
+        rows, bad = [], Problems(path)
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -125,7 +126,7 @@ def _read_json_rows(path: Path) -> list[tuple[int, Any]]:
 def _text(row: dict, key: str) -> str:
     value = row.get(key) if isinstance(row, dict) else None
     if not isinstance(value, str) or not value.strip():
-        raise _BadEntry(f"{key!r} is {value!r}, expected a non-empty string")
+        raise BadEntry(f"{key!r} is {value!r}, expected a non-empty string")
     return value.strip()
 
 
@@ -204,18 +205,18 @@ def load_coco_captions(
         raise DatasetError(f"{path}: expected an object with an 'images' list (COCO format)")
     if not isinstance(data.get("annotations"), list):
         raise DatasetError(f"{path}: expected an 'annotations' list (COCO caption format)")
-    bad = _Problems(path)
+    bad = Problems(path)
     images: list[tuple[str, str]] = []
     captions_of: dict[str, list[str]] = {}
     for i, entry in enumerate(data["images"]):
         try:
             if not isinstance(entry, dict) or "id" not in entry:
-                raise _BadEntry("no 'id'")
+                raise BadEntry("no 'id'")
             key = str(entry["id"])
             if key in captions_of:
-                raise _BadEntry(f"duplicate image id {key}")
+                raise BadEntry(f"duplicate image id {key}")
             image = resolve_image(image_dir, entry.get("file_name"))
-        except _BadEntry as e:
+        except BadEntry as e:
             bad.add(
                 f"images[{i}] (id {entry.get('id') if isinstance(entry, dict) else '?'})", str(e)
             )
@@ -226,12 +227,12 @@ def load_coco_captions(
     for i, ann in enumerate(data["annotations"]):
         try:
             if not isinstance(ann, dict) or "image_id" not in ann:
-                raise _BadEntry("no 'image_id'")
+                raise BadEntry("no 'image_id'")
             key = str(ann["image_id"])
             if key not in known_ids:
-                raise _BadEntry(f"image_id {key} is not in 'images'")
+                raise BadEntry(f"image_id {key} is not in 'images'")
             caption = _text(ann, "caption")
-        except _BadEntry as e:
+        except BadEntry as e:
             bad.add(
                 f"annotations[{i}] (id {ann.get('id') if isinstance(ann, dict) else '?'})", str(e)
             )
@@ -259,7 +260,7 @@ def load_flickr30k(
     data = _load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(f"{path}: expected an object with an 'images' list (Karpathy format)")
-    bad = _Problems(path)
+    bad = Problems(path)
     images: list[tuple[str, str]] = []
     captions_of: dict[str, list[str]] = {}
     seen_splits = set()
@@ -275,9 +276,9 @@ def load_flickr30k(
             image = resolve_image(image_dir, entry.get("filename"))
             sentences = entry.get("sentences")
             if not isinstance(sentences, list):
-                raise _BadEntry("'sentences' is not a list")
+                raise BadEntry("'sentences' is not a list")
             caps = [_text(s, "raw") for s in sentences]
-        except _BadEntry as e:
+        except BadEntry as e:
             bad.add(f"images[{i}] ({entry.get('filename')!r})", str(e))
             continue
         images.append((key, image))
@@ -304,16 +305,16 @@ def load_caption_pairs(
     are 1-based lines for JSONL and 0-based list indices for JSON."""
     path = Path(path)
     label = "line" if path.suffix == ".jsonl" else "row"
-    bad = _Problems(path)
+    bad = Problems(path)
     images: list[tuple[str, str]] = []
     captions_of: dict[str, list[str]] = {}
-    for number, row in _read_json_rows(path):
+    for number, row in read_json_rows(path):
         try:
             if not isinstance(row, dict):
-                raise _BadEntry(f"expected an object, got {type(row).__name__}")
+                raise BadEntry(f"expected an object, got {type(row).__name__}")
             image = resolve_image(image_dir, row.get("image"))
             caption = _text(row, "caption")
-        except _BadEntry as e:
+        except BadEntry as e:
             bad.add(f"{label} {number}", str(e))
             continue
         if image not in captions_of:
@@ -360,289 +361,21 @@ def load_sugarcrepe(
             raise DatasetError(
                 f"{path}: expected an object {{id: item}}, got {type(data).__name__}"
             )
-        bad = _Problems(path)
+        bad = Problems(path)
         items = []
         for key, item in data.items():
             try:
                 if not isinstance(item, dict):
-                    raise _BadEntry("not an object")
+                    raise BadEntry("not an object")
                 image = resolve_image(image_dir, item.get("filename"))
                 items.append(
                     SugarCrepeItem(image, _text(item, "caption"), _text(item, "negative_caption"))
                 )
-            except _BadEntry as e:
+            except BadEntry as e:
                 bad.add(f"id {key}", str(e))
         bad.raise_if_any(
             f"put every image under {str(image_dir)!r} and give every item 'filename', "
             "'caption' and 'negative_caption'"
         )
         out[split] = items
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# MMEB-eval
-
-MMEB_META_TASKS: dict[str, tuple[str, ...]] = {
-    "classification": (
-        "ImageNet-1K",
-        "N24News",
-        "HatefulMemes",
-        "VOC2007",
-        "SUN397",
-        "Place365",
-        "ImageNet-A",
-        "ImageNet-R",
-        "ObjectNet",
-        "Country211",
-    ),
-    "vqa": (
-        "OK-VQA",
-        "A-OKVQA",
-        "DocVQA",
-        "InfographicsVQA",
-        "ChartQA",
-        "Visual7W",
-        "ScienceQA",
-        "VizWiz",
-        "GQA",
-        "TextVQA",
-    ),
-    "retrieval": (
-        "VisDial",
-        "CIRR",
-        "VisualNews_t2i",
-        "VisualNews_i2t",
-        "MSCOCO_t2i",
-        "MSCOCO_i2t",
-        "NIGHTS",
-        "WebQA",
-        "FashionIQ",
-        "Wiki-SS-NQ",
-        "OVEN",
-        "EDIS",
-    ),
-    "grounding": ("MSCOCO", "RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing"),
-}
-MMEB_DATASETS: tuple[str, ...] = tuple(d for names in MMEB_META_TASKS.values() for d in names)
-MMEB_IND: frozenset[str] = frozenset(
-    {
-        "ImageNet-1K",
-        "N24News",
-        "HatefulMemes",
-        "VOC2007",
-        "SUN397",
-        "OK-VQA",
-        "A-OKVQA",
-        "DocVQA",
-        "InfographicsVQA",
-        "ChartQA",
-        "Visual7W",
-        "VisDial",
-        "CIRR",
-        "VisualNews_t2i",
-        "VisualNews_i2t",
-        "MSCOCO_t2i",
-        "MSCOCO_i2t",
-        "NIGHTS",
-        "WebQA",
-        "MSCOCO",
-    }
-)
-MMEB_OOD: frozenset[str] = frozenset(MMEB_DATASETS) - MMEB_IND
-UNKNOWN = "unknown"
-
-
-def _name_key(name: str) -> str:
-    return re.sub(r"[-_\s]", "", name).lower()
-
-
-_CANONICAL = {_name_key(d): d for d in MMEB_DATASETS}
-
-
-def canonical_mmeb_name(name: str) -> str:
-    """The MMEB spelling of a dataset name, matching case-insensitively and ignoring ``-``,
-    ``_`` and spaces (``imagenet_1k`` → ``ImageNet-1K``); unknown names come back unchanged."""
-    return _CANONICAL.get(_name_key(name), name)
-
-
-def mmeb_meta_task(name: str) -> str:
-    """``classification`` / ``vqa`` / ``retrieval`` / ``grounding``, or ``unknown``."""
-    name = canonical_mmeb_name(name)
-    for task, names in MMEB_META_TASKS.items():
-        if name in names:
-            return task
-    return UNKNOWN
-
-
-def mmeb_split(name: str) -> str:
-    """``IND`` (one of the 20 training sets), ``OOD`` (the other 16) or ``unknown``."""
-    name = canonical_mmeb_name(name)
-    if name in MMEB_IND:
-        return "IND"
-    return "OOD" if name in MMEB_OOD else UNKNOWN
-
-
-@dataclasses.dataclass(frozen=True)
-class MmebRow:
-    """One MMEB-eval query and its candidates; the ground truth is candidate 0. Image paths
-    are resolved (``None`` = no image); ``row`` is the source row number (for messages)."""
-
-    dataset: str
-    row: int
-    qry_text: str
-    qry_image: str | None
-    tgt_texts: tuple[str, ...]
-    tgt_images: tuple[str | None, ...]
-
-
-_SHARD_STEM = re.compile(r"^(test|eval|validation|train|data)(-\d+-of-\d+)?$")
-
-
-def mmeb_dataset_name(path: str | os.PathLike) -> str:
-    """A file's dataset: its stem, or its folder's name for HF shard files such as
-    ``ImageNet-1K/test-00000-of-00001.parquet``; canonicalised when it is an MMEB name."""
-    path = Path(path)
-    stem = path.parent.name if _SHARD_STEM.match(path.stem) else path.stem
-    return canonical_mmeb_name(stem)
-
-
-MMEB_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
-IMAGE_PLACEHOLDER = "<|image_1|>"
-
-
-def _mmeb_raw_rows(path: Path) -> tuple[str, list[tuple[int, Any]]]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        names = pq.read_schema(path).names
-        missing = [c for c in MMEB_COLUMNS if c not in names]
-        if missing:
-            raise DatasetError(
-                f"{path}: missing MMEB-eval columns {missing} (has {names}); expected "
-                f"{list(MMEB_COLUMNS)}"
-            )
-        return "row", list(enumerate(pq.read_table(path, columns=list(MMEB_COLUMNS)).to_pylist()))
-    if path.suffix in (".jsonl", ".json"):
-        return ("line" if path.suffix == ".jsonl" else "row"), _read_json_rows(path)
-    raise DatasetError(f"{path}: unsupported format {path.suffix!r}; use .parquet or .jsonl")
-
-
-def _side(text: Any, image: Any, image_root: str | os.PathLike, what: str):
-    if text is None:
-        text = ""
-    if not isinstance(text, str):
-        raise _BadEntry(f"{what} text is {type(text).__name__}, expected a string")
-    if image is not None and not isinstance(image, str):
-        raise _BadEntry(f"{what} image path is {type(image).__name__}, expected a string")
-    image = resolve_image(image_root, image) if image else None
-    if not text.strip() and image is None:
-        raise _BadEntry(f"{what} has neither text nor image")
-    n = text.count(IMAGE_PLACEHOLDER)
-    if n > 1 or (n == 1) != (image is not None):
-        raise _BadEntry(
-            f"{what} has {n} {IMAGE_PLACEHOLDER} placeholder(s) and {'an' if image else 'no'} image"
-        )
-    return text, image
-
-
-def load_mmeb_file(
-    path: str | os.PathLike,
-    image_root: str | os.PathLike,
-    *,
-    dataset: str | None = None,
-    max_rows: int | None = None,
-) -> list[MmebRow]:
-    """MMEB-eval rows (parquet, JSONL or a JSON list) with columns ``qry_text``,
-    ``qry_img_path``, ``tgt_text`` (list), ``tgt_img_path`` (list); ground truth at candidate
-    0. ``dataset`` defaults to :func:`mmeb_dataset_name`. Image paths are relative to
-    ``image_root``; ``""`` / null means no image, and an empty or null ``tgt_img_path`` means
-    text-only candidates. Raises on any bad row (malformed JSON, wrong types, unequal candidate
-    lists, no candidates, an empty side, a placeholder/image mismatch, an image outside the
-    root or missing), listing row numbers. ``max_rows`` keeps the first N rows (checked)."""
-    path = Path(path)
-    name = canonical_mmeb_name(dataset) if dataset else mmeb_dataset_name(path)
-    label, raw_rows = _mmeb_raw_rows(path)
-    if max_rows is not None:
-        raw_rows = raw_rows[:max_rows]
-    bad = _Problems(path)
-    rows = []
-    for number, raw in raw_rows:
-        try:
-            if not isinstance(raw, dict):
-                raise _BadEntry(f"expected an object, got {type(raw).__name__}")
-            missing = [c for c in ("qry_text", "tgt_text") if c not in raw]
-            if missing:
-                raise _BadEntry(f"missing {missing}")
-            qry_text, qry_image = _side(
-                raw["qry_text"], raw.get("qry_img_path"), image_root, "query"
-            )
-            texts, images = raw["tgt_text"], raw.get("tgt_img_path")
-            if isinstance(texts, str) or not isinstance(texts, list):
-                raise _BadEntry(f"tgt_text is {type(texts).__name__}, expected a list")
-            if not texts:
-                raise _BadEntry("no candidates (tgt_text is empty)")
-            if images is None or (isinstance(images, list) and not images):
-                images = [None] * len(texts)
-            if not isinstance(images, list) or len(images) != len(texts):
-                raise _BadEntry(
-                    f"tgt_img_path has {len(images) if isinstance(images, list) else images!r} "
-                    f"entries but tgt_text has {len(texts)}"
-                )
-            sides = [
-                _side(t, im, image_root, f"candidate {c}")
-                for c, (t, im) in enumerate(zip(texts, images))
-            ]
-        except _BadEntry as e:
-            bad.add(f"{label} {number}", str(e))
-            continue
-        rows.append(
-            MmebRow(
-                name,
-                number,
-                qry_text,
-                qry_image,
-                tuple(t for t, _ in sides),
-                tuple(im for _, im in sides),
-            )
-        )
-    bad.raise_if_any(
-        f"give every row a query and candidate 0 = the ground truth, with image paths under "
-        f"{str(image_root)!r} and one {IMAGE_PLACEHOLDER} per image"
-    )
-    if not rows:
-        raise DatasetError(f"{path}: no rows")
-    return rows
-
-
-def load_mmeb(
-    paths: str | os.PathLike | Iterable[str | os.PathLike],
-    image_root: str | os.PathLike,
-    *,
-    max_rows: int | None = None,
-) -> dict[str, list[MmebRow]]:
-    """Several MMEB-eval files (or a directory, searched recursively for ``*.parquet`` /
-    ``*.jsonl``) → ``{dataset: rows}``; files of one dataset (HF shards) are concatenated in
-    sorted path order. Names outside the 36 MMEB datasets are kept (their meta-task is
-    ``unknown``, see :func:`unime_jax.eval.evaluators.evaluate_mmeb`)."""
-    if isinstance(paths, str | os.PathLike):
-        root = Path(paths)
-        if root.is_dir():
-            files = sorted(
-                p for p in root.rglob("*") if p.suffix in (".parquet", ".jsonl") and p.is_file()
-            )
-            if not files:
-                raise DatasetError(f"{root}: no .parquet or .jsonl files")
-        else:
-            files = [root]
-    else:
-        files = sorted(Path(p) for p in paths)
-    out: dict[str, list[MmebRow]] = {}
-    for file in files:
-        name = mmeb_dataset_name(file)
-        have = len(out.get(name, []))
-        left = None if max_rows is None else max_rows - have
-        if left is not None and left <= 0:
-            continue
-        out.setdefault(name, []).extend(load_mmeb_file(file, image_root, max_rows=left))
     return out

@@ -13,12 +13,12 @@ import numpy as np
 
 from unime_jax.eval import metrics
 from unime_jax.eval.cache import EmbeddingCache, with_cache
-from unime_jax.eval.datasets import (
+from unime_jax.eval.datasets import RetrievalSet
+from unime_jax.eval.mmeb import (
     MMEB_DATASETS,
     MMEB_META_TASKS,
     UNKNOWN,
     MmebRow,
-    RetrievalSet,
     canonical_mmeb_name,
     mmeb_meta_task,
     mmeb_split,

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from unime_jax.eval.cache import atomic_write
-from unime_jax.eval.datasets import mmeb_meta_task, mmeb_split
 from unime_jax.eval.metrics import SUGARCREPE_SPLITS
+from unime_jax.eval.mmeb import mmeb_meta_task, mmeb_split
 
 PAPER_MODELS = {
     "unime_ov7b": "UniME LLaVA-OneVision-7B",
