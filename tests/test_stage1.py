@@ -218,7 +218,9 @@ def test_resume_continues_exactly(tmp_path, corpus):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train.run(cfg, str(straight))
     train.run(cfg, str(resumed))
+    assert (resumed / "checkpoints" / "2").is_dir()  # otherwise the rerun would start afresh
     shutil.rmtree(resumed / "checkpoints" / "4")  # as if killed after the step-2 checkpoint
+    (resumed / "final_state_digest.json").unlink()  # the rerun must write its own
     train.run(cfg, str(resumed))
     digest = [json.loads((d / "final_state_digest.json").read_text()) for d in (straight, resumed)]
     assert digest[0] == digest[1] and digest[0]["step"] == 4
