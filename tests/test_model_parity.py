@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from tests import hf_fixtures
+from unime_jax.embedder import Embedder
 from unime_jax.models import load_pretrained
 from unime_jax.processing import Processor
 
@@ -30,6 +31,18 @@ CASES = {
         image_grid_pinpoints=[[32, 32], [32, 96], [96, 32], [64, 64], [96, 96]],
         hub_layout=True,
         max_shard_size="40KB",
+    ),
+    # Tiles that are not a multiple of the patch (30 = 3*8 + 6, like SigLIP-so400m's 384 = 27*14
+    # + 6): the stride-8 valid convolution drops the last 6 rows and columns of every tile.
+    "onevision_tile_not_multiple": dict(
+        family="llava_onevision",
+        vision_config={"image_size": 30, "patch_size": 8},
+        image_grid_pinpoints=[[30, 30], [30, 60], [60, 30], [60, 60], [60, 90], [90, 60]],
+    ),
+    "next_tile_not_multiple": dict(
+        family="llava_next",
+        vision_config={"image_size": 30, "patch_size": 8},
+        image_grid_pinpoints=[[30, 60], [60, 30], [60, 60], [30, 90], [90, 30]],
     ),
 }
 
@@ -108,6 +121,19 @@ def test_left_and_right_padding(case):
         rows = [0, 2]
         sub = {k: v[rows] for k, v in batch.items()}
         assert_parity(model, hf_model, sub)
+
+
+def test_embedder_images_match_transformers(case):
+    """Embedder.embed_images (prompt, processor, batching) gives transformers' embeddings."""
+    name, model, processor, hf_model = case
+    images = [photo("coffee", (70, 40)), photo("astronaut", (33, 90))]
+    embedder = Embedder(model, processor, batch_size=8, progress=False)
+    ours = embedder.embed_images(images)
+    for i, image in enumerate(images):
+        batch = processor([processor.image_prompt()], [image])
+        ref = hf_fixtures.hf_hidden_states(hf_model, **batch)[0, batch["attention_mask"][0] > 0][-1]
+        ref /= np.linalg.norm(ref)
+        assert np.dot(ours[i], ref) >= 0.99999, (name, i)
 
 
 def test_compiles_once_per_shape(case):

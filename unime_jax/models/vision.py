@@ -92,11 +92,16 @@ class VisionTower(nnx.Module):
         self.remat = remat
 
     def patchify(self, pixels: jax.Array) -> jax.Array:
-        """(N, C, H, W) -> (N, patches, C*p*p), flattened in the (C, p, p) order of the conv kernel."""
+        """(N, C, H, W) -> (N, patches, C*p*p), flattened in the (C, p, p) order of the conv kernel.
+
+        Like the stride-p "valid" convolution of CLIP / SigLIP, trailing rows and columns that do
+        not fill a whole patch are dropped (SigLIP-so400m: 384 px tiles, 27 patches of 14 px).
+        """
         n, c, h, w = pixels.shape
         p = self.cfg.patch_size
-        x = pixels.reshape(n, c, h // p, p, w // p, p).transpose(0, 2, 4, 1, 3, 5)
-        return x.reshape(n, (h // p) * (w // p), c * p * p)
+        gh, gw = h // p, w // p
+        x = pixels[:, :, : gh * p, : gw * p].reshape(n, c, gh, p, gw, p)
+        return x.transpose(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, c * p * p)
 
     def __call__(self, pixels: jax.Array, key: jax.Array | None = None) -> jax.Array:
         x = self.patch_embed(self.patchify(pixels.astype(self.patch_embed.kernel.dtype)))
