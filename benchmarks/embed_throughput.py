@@ -11,10 +11,10 @@ to 2x2 tiles (so at most 1 base + 4 grid tiles per image). Then, for two workloa
 * ``text``:  ``--batch`` different sentences wrapped in the UniME text prompt,
 * ``image``: ``--batch`` real photos from ``skimage.data`` with the UniME image prompt,
 
-the *same* numpy processor outputs (``unime_jax.processing.Processor``; preprocessing is not
+the *same* numpy processor outputs (the family processor; preprocessing is not
 timed) are embedded by
 
-* ours:  ``EmbeddingModel.embed(**batch)`` from ``unime_jax.models.load_pretrained`` (one jitted
+* ours:  ``EmbeddingModel.embed(**batch)`` from ``unime_jax.inference.load_pretrained`` (one jitted
   forward, last-token pooling and L2 norm on device, result converted to numpy, so the device
   sync is inside the timing);
 * torch: ``LlavaOnevisionModel`` / ``LlavaNextModel`` (the base model, no LM head) under
@@ -75,9 +75,8 @@ import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from tests import hf_fixtures  # noqa: E402
-from unime_jax import tiny  # noqa: E402
-from unime_jax.models import load_pretrained  # noqa: E402
-from unime_jax.processing import Processor  # noqa: E402
+from unime_jax.demo import tiny_configs as tiny  # noqa: E402
+from unime_jax.inference import load_pretrained  # noqa: E402
 
 # Medium-size config, shared by both sides.
 TEXT_CONFIG = dict(
@@ -132,7 +131,7 @@ def load_torch_model(path: pathlib.Path) -> torch.nn.Module:
     return full.model
 
 
-_INT_KEYS = {"input_ids", "attention_mask", "image_sizes"}
+_INT_KEYS = {"input_ids", "attention_mask", "image_sizes", "batch_num_images"}
 
 
 @torch.no_grad()
@@ -204,7 +203,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="embed_bench_") as tmp:
         path = build_checkpoint(pathlib.Path(tmp), args.family)
         ours = load_pretrained(path, dtype=args.dtype)
-        processor = Processor.from_pretrained(path, ours.config)
+        processor = ours.processor
         theirs = load_torch_model(path)
 
     n_params = sum(p.numel() for p in theirs.parameters())

@@ -54,7 +54,6 @@ def base() -> ml_collections.ConfigDict:
     c.model = ""
     c.seed = 0
     c.dtype = "float32"
-    c.max_tiles = 0  # image tiles per example on device; 0 = the most any image can need
     c.batch_size = 8  # rounded up to a multiple of the data-parallel mesh size
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     # Embedding cache: reruns embed nothing. "" keeps embeddings in memory only.

@@ -30,6 +30,8 @@ def base() -> ml_collections.ConfigDict:
         "query_length",
         "target_length",
         "max_tiles",
+        "image_size",
+        "tile_budget",
         "loss",
         "temperature",
         "margin",
@@ -74,7 +76,8 @@ def get_config(preset: str = "llava_onevision_7b") -> ml_collections.ConfigDict:
         c.model = "demo"
         c.corpus = "demo"  # written with its MiniLM teacher files under WORKDIR/demo_data
         c.dtype = "float32"
-        c.remat = False
+        c.remat = "none"
+        c.attention = "xla"
         c.lora_dropout = 0.0
         c.batch_size = 64
         c.num_chunks = 2
@@ -82,6 +85,7 @@ def get_config(preset: str = "llava_onevision_7b") -> ml_collections.ConfigDict:
         c.warmup_steps = 20
         c.lr = 3e-3
         c.text_length = 64
+        c.length_buckets = False
         c.demo_train_rows = 4000  # x3 sentences (sent0, sent1, hard_neg)
         c.demo_eval_size = 200
         return c

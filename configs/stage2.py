@@ -18,17 +18,22 @@ def base() -> ml_collections.ConfigDict:
     # "demo" (the seeded demo model, written to WORKDIR/demo_base).
     c.model = ""
     c.dtype = "bfloat16"  # frozen base weights; LoRA adapters and optimizer state stay fp32
-    c.max_tiles = 0  # image tiles per example on device; 0 = the most any image can need
-    c.remat = True  # recompute layer activations in the backward pass
+    c.remat = "full"  # recompute layers in the backward pass: none, full, dots, offload
+    c.attention = "auto"  # splash (Pallas) on TPU, the exact XLA reference elsewhere
     # Data: a directory written by `python -m unime_jax.data.mmeb`, or "demo" (the shapes world).
     c.train_data = ""
     c.image_root = ""  # overrides the image root recorded by the converter
+    c.image_size = 336  # every image resized to this square first (VLM2Vec / UniME); 0 = as is
+    c.max_tiles = 0  # image units (tiles) one row may take; 0 = what one image at image_size needs
+    c.tile_budget = 0  # units per (device, chunk) pool; 0 = the next power of two of the need
     c.query_length = 2048
     c.target_length = 2048
+    c.length_buckets = True  # pad each side to the smallest length bucket its batch needs
     c.worker_count = 0  # grain worker processes for decoding/preprocessing
     # Batch: the global batch, embedded in num_chunks device-spanning chunks (GradCache).
     c.batch_size = 1024
-    c.num_chunks = 64
+    c.num_chunks = 0  # 0: batch_size / (chunk_rows x data-parallel devices)
+    c.chunk_rows = 1  # rows per device in one chunk (memory per chunk), when num_chunks = 0
     # Optimisation.
     c.num_steps = 1000
     c.warmup_steps = 200
@@ -76,13 +81,16 @@ def get_config(preset: str = "llava_onevision_7b") -> ml_collections.ConfigDict:
         c.model = "demo"  # or a stage-1 demo's WORKDIR/merged (the chained demo)
         c.train_data = "demo"
         c.dtype = "float32"
-        c.remat = False
+        c.remat = "none"
+        c.attention = "xla"
+        c.image_size = 0  # the shapes are drawn at the demo model's tile size
         c.lora_rank = 0  # no pretrained base offline: train everything (LoRA is tested separately)
         c.lora_dropout = 0.0
         c.query_length = 48
         c.target_length = 48
         c.batch_size = 64
         c.num_chunks = 2
+        c.length_buckets = False
         c.num_steps = 300
         c.warmup_steps = 30
         c.lr = 1e-3  # 3e-3 learns faster but ends 14-28 points lower in held-out R@1 (2 seeds)

@@ -25,7 +25,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from unime_jax import tiny
+from unime_jax.demo import tiny_configs as tiny
+from unime_jax.demo.tokenizers import build_tokenizer
 
 _FAMILIES: dict[str, tuple[type, type, type]] = {
     "llava_onevision": (
@@ -91,7 +92,7 @@ def save_tiny_llava(
     path.mkdir(parents=True, exist_ok=True)
 
     text = text or ("qwen2" if family == "llava_onevision" else "mistral")
-    tokenizer = tiny.build_tokenizer(
+    tokenizer = build_tokenizer(
         tokenizer_style or _DEFAULT_TOKENIZER[text], padding_side=padding_side
     )
     video_id = getattr(tokenizer, "video_token_id", None)

@@ -24,14 +24,13 @@ from transformers.models.llava_onevision.processing_llava_onevision import (
     LlavaOnevisionProcessor,
 )
 
-from unime_jax.models.anyres import (
+from unime_jax.preprocess.anyres import (
     NEWLINE,
     AnyResSpec,
     grid_shape,
     image_layout,
     num_image_tokens,
     num_tiles,
-    resolve_newline,
 )
 
 ONEVISION_PINS = tuple((384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7))
@@ -147,7 +146,7 @@ def _ours(spec: AnyResSpec, feats: np.ndarray, newline: np.ndarray, size, base_o
     feats_ext = np.full((max_tiles * tile_p + 1, d), np.nan, np.float32)  # padding: poison
     feats_ext[: feats.shape[0] * tile_p] = feats.reshape(-1, d)
     feats_ext[-1] = newline
-    resolved = resolve_newline(indices, max_tiles, spec)
+    resolved = np.where(indices == NEWLINE, max_tiles * tile_p, indices)  # as collate places it
     # Every tap reads a real tile row or the newline row, never the padding beyond num_tiles.
     real = (resolved < feats.shape[0] * tile_p) | (resolved == max_tiles * tile_p)
     assert real.all()
@@ -295,10 +294,7 @@ def test_layout_structure():
     assert indices.max() < num_tiles((50, 130), spec) * tile_p
     assert np.all(indices[:, 1:] == 0) and np.all(weights == (weights[:, :1] == weights))
     assert not indices.flags.writeable
-    resolved = resolve_newline(indices, 20, spec)
-    assert resolved.dtype == np.int32 and np.all(resolved[nl, 0] == 20 * tile_p)
-    with pytest.raises(ValueError):
-        resolve_newline(indices, rows * cols, spec)  # too few tiles for this image
+    assert rows * cols + 1 == num_tiles((50, 130), spec)
 
 
 def test_bilinear_weights_sum_to_one():

@@ -9,7 +9,8 @@ from tests import hf_fixtures
 from tests.test_model_parity import photo
 from unime_jax import embed as embed_cli
 from unime_jax.embedder import Embedder
-from unime_jax.processing import Processor, bucket_length
+from unime_jax.preprocess.processor import Processor
+from unime_jax.preprocess.text import bucket_length
 
 
 @pytest.fixture(scope="module", params=["llava_onevision", "llava_next"])
@@ -26,7 +27,7 @@ def embedder(checkpoint):
 
 def test_prompts_follow_the_backbone(embedder):
     p = embedder.processor
-    if p.config.family == "llava_next":
+    if p.family == "llava_next":
         assert p.image_prompt() == "[INST] <image>\nSummary above image in one word: [/INST]"
         assert p.text_prompt("a cat") == "[INST] a cat\nSummary above sentence in one word: [/INST]"
     else:
@@ -60,10 +61,13 @@ def test_images_texts_and_instructions(embedder, tmp_path):
     from_pil = embedder.embed_images([photo("coffee").convert("RGB")])
     assert from_path.shape == (1, embedder.dim)
     assert np.dot(from_path[0], from_pil[0]) > 0.999  # JPEG round trip only
-    mixed = embedder.embed_instructions(
-        ["<|image_1|> Represent the given image", "Find a dog"], [path, None]
-    )
-    assert mixed.shape == (2, embedder.dim)
+    texts = ["<|image_1|> Represent the given image", "Find a dog", "<|image_1|> and <|image_1|>"]
+    images = [path, None, [path, photo("rocket", (40, 90))]]
+    mixed = embedder.embed_instructions(texts, images)
+    assert mixed.shape == (3, embedder.dim)
+    for i in range(3):  # each row as it would be alone: packing and batching change nothing
+        alone = embedder.embed_instructions(texts[i : i + 1], images[i : i + 1])
+        np.testing.assert_allclose(mixed[i], alone[0], atol=2e-6)
 
 
 def test_fixed_shapes_compile_once(embedder):
@@ -75,9 +79,11 @@ def test_fixed_shapes_compile_once(embedder):
 
 def test_processor_errors(embedder):
     p: Processor = embedder.processor
-    with pytest.raises(ValueError, match="prompt 0 has 1 image tokens and no image"):
+    with pytest.raises(ValueError, match=r"prompt 0 has 1 image token\(s\) but 0 image\(s\)"):
         p([p.image_prompt()])
-    with pytest.raises(ValueError, match="2 prompts but 1 images"):
+    with pytest.raises(ValueError, match="the prompt has 1 image token"):
+        p.encode(p.image_prompt())
+    with pytest.raises(ValueError, match="2 prompts but 1 image entries"):
         p(["a", "b"], [None])
     with pytest.raises(FileNotFoundError, match=r"does-not-exist\.jpg"):
         p([p.image_prompt()], ["/nowhere/does-not-exist.jpg"])

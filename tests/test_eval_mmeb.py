@@ -9,7 +9,7 @@ import pytest
 
 from tests.eval_fixtures import FakeEncoder, HashEncoder, make_image_root, unit
 from unime_jax.eval import evaluators as ev
-from unime_jax.eval import mmeb
+from unime_jax.eval import mmeb_eval as mmeb
 
 # ---------------------------------------------------------------------------------------------
 # MMEB

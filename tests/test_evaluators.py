@@ -288,20 +288,19 @@ def test_coco_mini_with_hash_encoder(coco_mini):
 def test_coco_mini_with_demo_model(coco_mini):
     import flax.nnx as nnx
 
-    from unime_jax import demo, sharding
+    from unime_jax import sharding
+    from unime_jax.demo import model as demo
     from unime_jax.embedder import Embedder
-    from unime_jax.models.mllm import LlavaModel
-    from unime_jax.models.runtime import EmbeddingModel
+    from unime_jax.inference import EmbeddingModel
 
     _, sugarcrepe = coco_mini
     start = time.perf_counter()
-    config, processor = demo.build()
-    model = LlavaModel(config, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
-    embedding_model = EmbeddingModel(
-        config, graphdef, state, sharding.make_mesh(), config.anyres.max_tiles
+    _, processor = demo.build()
+    module = demo.FAMILY.build(processor.config, rngs=nnx.Rngs(0))
+    embedding_model = EmbeddingModel.from_module(
+        module, demo.FAMILY, processor, sharding.make_mesh()
     )
-    embedder = Embedder(embedding_model, processor, batch_size=16, progress=False)
+    embedder = Embedder(embedding_model, batch_size=16, progress=False)
     small = ds.load_coco_captions(
         COCO_MINI / "captions_val2017.json", COCO_MINI / "images", max_images=30
     )

@@ -18,8 +18,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from unime_jax.gradcache import (
-    QUERY_SIDE,
-    TARGET_SIDE,
     embed_in_chunks,
     gradcache_value_and_grad,
     interleave_chunks,
@@ -72,6 +70,14 @@ def info_nce(q, t, temperature=0.05):
     loss = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=-1)))
     acc = jnp.mean(jnp.argmax(logits, axis=-1) == jnp.arange(q.shape[0]))
     return loss, {"acc": acc}
+
+
+def info_nce_sides(embs):
+    return info_nce(embs["query"], embs["target"])
+
+
+def pair(query, target):
+    return {"query": query, "target": target}
 
 
 def make_batch(n, *, seq=8, patches=6, patch_dim=12, vocab=97, seed=0):
@@ -154,8 +160,11 @@ def test_interleave_merge_round_trip(num_chunks):
 def test_interleave_rejects_bad_sizes():
     with pytest.raises(ValueError, match="divisible"):
         interleave_chunks({"a": np.zeros((10, 2))}, 4)
-    with pytest.raises(ValueError, match="same leading"):
-        interleave_chunks({"a": np.zeros((8, 2)), "b": np.zeros((4,))}, 2)
+    # Leaves may differ in leading size (rows and image groups), each divisible by the chunks.
+    chunks = interleave_chunks({"a": np.zeros((8, 2)), "b": np.zeros((4,))}, 2)
+    assert chunks["a"].shape == (2, 4, 2) and chunks["b"].shape == (2, 2)
+    with pytest.raises(ValueError, match="divisible"):
+        interleave_chunks({"a": np.zeros((8, 2)), "b": np.zeros((3,))}, 2)
 
 
 # --- 2. exactness --------------------------------------------------------------------------
@@ -168,7 +177,9 @@ def test_matches_full_batch_gradient(num_chunks):
     query, target = make_batch(64)
     key = jax.random.key(0)
     want = full_batch_jit(encode, params, query, target, key)
-    got = gradcache_jit(encode, info_nce, params, query, target, num_chunks=num_chunks, key=key)
+    got = gradcache_jit(
+        encode, info_nce_sides, params, pair(query, target), num_chunks=num_chunks, key=key
+    )
     assert isinstance(got[1], nnx.State)
     assert_same(got, want)
 
@@ -192,7 +203,7 @@ def chunked_autodiff_reference(encode, params, query, target, num_chunks, key):
         return out
 
     def loss(p):
-        return info_nce(embed(p, query, QUERY_SIDE), embed(p, target, TARGET_SIDE))
+        return info_nce(embed(p, query, 0), embed(p, target, 1))  # side order: query, target
 
     return jax.value_and_grad(loss, has_aux=True)(params)
 
@@ -203,7 +214,9 @@ def test_dropout_keys_consistent_between_passes(num_chunks=4):
     key = jax.random.key(7)
     reference = jax.jit(chunked_autodiff_reference, static_argnums=(0, 4))
     want = reference(encode, params, query, target, num_chunks, key)
-    got = gradcache_jit(encode, info_nce, params, query, target, num_chunks=num_chunks, key=key)
+    got = gradcache_jit(
+        encode, info_nce_sides, params, pair(query, target), num_chunks=num_chunks, key=key
+    )
     assert_same(got, want)
 
     # embed_in_chunks: chunk j (rows j::c) uses fold_in(key, j).
@@ -224,7 +237,12 @@ def test_dropout_keys_consistent_between_passes(num_chunks=4):
 
     # The dropout is live: another key gives another loss.
     (other, _), _ = gradcache_jit(
-        encode, info_nce, params, query, target, num_chunks=num_chunks, key=jax.random.key(8)
+        encode,
+        info_nce_sides,
+        params,
+        pair(query, target),
+        num_chunks=num_chunks,
+        key=jax.random.key(8),
     )
     assert abs(float(other) - float(got[0][0])) > 1e-4
 
@@ -235,24 +253,30 @@ def test_no_aux_and_bf16_params():
     key = jax.random.key(0)
     (loss_ref, _), grads_ref = full_batch_jit(encode, params, query, target, key)
 
-    def loss_only(q, t):
-        return info_nce(q, t)[0]
+    def loss_only(embs):
+        return info_nce_sides(embs)[0]
 
     loss, grads = gradcache_jit(
-        encode, loss_only, params, query, target, num_chunks=4, key=key, has_aux=False
+        encode, loss_only, params, pair(query, target), num_chunks=4, key=key, has_aux=False
     )
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     assert_same(((loss, {"acc": 0.0}), grads), ((loss_ref, {"acc": 0.0}), grads_ref))
 
-    # bf16 parameters: gradients come back bf16 (summed in float32 first), same structure.
+    # bf16 parameters: gradients come back bf16 (summed in float32 first), same structure, and
+    # equal to the float32 full-batch gradient at those same (bf16-valued) parameters up to the
+    # final rounding to bf16 (2^-8 relative).
     params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
-    _, grads16 = gradcache_jit(encode, info_nce, params16, query, target, num_chunks=4, key=key)
+    _, grads16 = gradcache_jit(
+        encode, info_nce_sides, params16, pair(query, target), num_chunks=4, key=key
+    )
     assert jax.tree.structure(grads16) == jax.tree.structure(params16)
     assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads16))
-    for g, r in zip(jax.tree.leaves(grads16), jax.tree.leaves(grads_ref)):
+    params16_as_32 = jax.tree.map(lambda p: p.astype(jnp.float32), params16)
+    _, grads_at16 = full_batch_jit(encode, params16_as_32, query, target, key)
+    for g, r in zip(jax.tree.leaves(grads16), jax.tree.leaves(grads_at16)):
         r = np.asarray(r)
         np.testing.assert_allclose(
-            np.asarray(g, np.float32), r, rtol=0.1, atol=0.1 * np.abs(r).max()
+            np.asarray(g, np.float32), r, rtol=1e-2, atol=1e-2 * np.abs(r).max()
         )
 
 
@@ -282,7 +306,12 @@ def test_sharded_jit_matches_unsharded(mesh_shape, chunk_counts):
     params_s = jax.device_put(params, NamedSharding(mesh, P()))
     for num_chunks in chunk_counts:
         got = gradcache_jit(
-            encode, info_nce, params_s, query_s, target_s, num_chunks=num_chunks, key=key
+            encode,
+            info_nce_sides,
+            params_s,
+            pair(query_s, target_s),
+            num_chunks=num_chunks,
+            key=key,
         )
         assert_same(got, want)
 
@@ -305,7 +334,9 @@ def test_temp_memory_grows_with_chunk_not_batch():
         return analysis.temp_size_in_bytes
 
     def gradcache(num_chunks):
-        return functools.partial(gradcache_value_and_grad, encode, info_nce, num_chunks=num_chunks)
+        return lambda p, q, t, key: gradcache_value_and_grad(
+            encode, info_nce_sides, p, pair(q, t), num_chunks=num_chunks, key=key
+        )
 
     def full(p, q, t, k):
         return full_batch_value_and_grad(encode, p, q, t, k)
@@ -334,7 +365,8 @@ def test_one_side_matches_full_batch_autodiff():
     query, _ = make_batch(16)
     teacher = jax.random.normal(jax.random.key(3), (16, 24))
 
-    def distill(student):
+    def distill(embs):
+        student = embs["text"]
         s = student / jnp.linalg.norm(student, axis=-1, keepdims=True)
         t = teacher / jnp.linalg.norm(teacher, axis=-1, keepdims=True)
         p_t = jax.nn.softmax(t @ t.T / 0.05, axis=-1)
@@ -342,9 +374,11 @@ def test_one_side_matches_full_batch_autodiff():
         return jnp.mean(jnp.sum(p_t * (jnp.log(p_t) - log_p_s), -1)), {"acc": jnp.zeros(())}
 
     key = jax.random.key(0)
-    want = jax.value_and_grad(lambda p: distill(encode(p, query, key)), has_aux=True)(params)
+    want = jax.value_and_grad(lambda p: distill({"text": encode(p, query, key)}), has_aux=True)(
+        params
+    )
     for chunks in (1, 4):
-        got = gradcache_jit(encode, distill, params, query, num_chunks=chunks, key=key)
+        got = gradcache_jit(encode, distill, params, {"text": query}, num_chunks=chunks, key=key)
         assert_same(got, want, rtol=1e-3)  # the KL is small: float32 cancellation in the value
     with pytest.raises(ValueError, match="at least one side"):
-        gradcache_value_and_grad(encode, distill, params, num_chunks=1, key=key)
+        gradcache_value_and_grad(encode, distill, params, {}, num_chunks=1, key=key)

@@ -9,15 +9,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from unime_jax import tiny
-from unime_jax.data import mmeb
+from unime_jax.data import mmeb_convert as mmeb
+from unime_jax.data import mmeb_train
+from unime_jax.demo.tokenizers import build_tokenizer
 
 LONG = " ".join(["word"] * 200)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return tiny.build_tokenizer("qwen2")
+    return build_tokenizer("qwen2")
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_report_counts_every_bad_row(data, tokenizer, tmp_path):
     assert "too_long" in report.table() and "vqa/10" in report.table()
 
     # The records, in input order, with normalised relative image paths.
-    source = mmeb.open_dataset(tmp_path / "out")
+    source = mmeb_train.open_dataset(tmp_path / "out")
     records = [source[i] for i in range(len(source))]
     assert [(r["dataset"], r["row"]) for r in records] == GOOD
     assert records[1]["pos_image_path"] == str(root / "images" / "blue.jpg")
@@ -131,7 +132,7 @@ def test_report_counts_every_bad_row(data, tokenizer, tmp_path):
         "dataset": "retrieval",
         "row": 0,
     }
-    other = mmeb.open_dataset(tmp_path / "out", image_root="/elsewhere")
+    other = mmeb_train.open_dataset(tmp_path / "out", image_root="/elsewhere")
     assert other[1]["pos_image_path"] == "/elsewhere/images/blue.jpg"
 
     manifest = json.loads((tmp_path / "out" / mmeb.MANIFEST).read_text())
@@ -166,7 +167,7 @@ def test_deterministic_sharded_and_atomic(data, tokenizer, tmp_path, monkeypatch
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     manifest = json.loads((tmp_path / "a" / mmeb.MANIFEST).read_text())
     assert [s["count"] for s in manifest["shards"]] == [2, 3, 3]
-    assert len(mmeb.open_dataset(tmp_path / "a")) == 8
+    assert len(mmeb_train.open_dataset(tmp_path / "a")) == 8
 
     with pytest.raises(FileExistsError):
         mmeb.convert(inputs, root, tmp_path / "a", **kwargs)
@@ -182,7 +183,7 @@ def test_deterministic_sharded_and_atomic(data, tokenizer, tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="disk full"):  # an existing dataset stays intact
         mmeb.convert(inputs, root, tmp_path / "a", **kwargs, overwrite=True)
     assert not (tmp_path / "c").exists()
-    assert len(mmeb.open_dataset(tmp_path / "a")) == 8
+    assert len(mmeb_train.open_dataset(tmp_path / "a")) == 8
     assert sorted(os.listdir(tmp_path)) == ["a", "b"]  # no temporary directories left
 
 
@@ -192,7 +193,7 @@ def test_max_rows_per_dataset(data, tmp_path):
     assert report.rows_read == 6
     assert report.beyond_limit == {"vqa": 14, "retrieval": 2, "nights": 1}
     assert report.bad_rows == {"missing_image": [["vqa", 1], ["nights", 1]]}
-    source = mmeb.open_dataset(tmp_path / "out")
+    source = mmeb_train.open_dataset(tmp_path / "out")
     rows = [(source[i]["dataset"], source[i]["row"]) for i in range(len(source))]
     assert rows == [("vqa", 0), ("retrieval", 0), ("retrieval", 1), ("nights", 0)]
 

@@ -12,8 +12,7 @@ from PIL import Image
 
 from tests import hf_fixtures
 from unime_jax.embedder import Embedder
-from unime_jax.models import load_pretrained
-from unime_jax.processing import Processor
+from unime_jax.inference import load_pretrained
 
 CASES = {
     # SigLIP + Qwen2 (GQA 4/2, q/k/v bias, theta 1e6), OneVision layout with newline rows.
@@ -62,7 +61,7 @@ def case(request, tmp_path_factory):
         tmp_path_factory.mktemp(request.param), seed=len(request.param), **spec
     )
     model = load_pretrained(path)
-    processor = Processor.from_pretrained(path, model.config)
+    processor = model.processor
     return request.param, model, processor, hf_fixtures.load_hf_model(path)
 
 
@@ -109,25 +108,56 @@ def test_images_of_different_sizes(case):
     assert_parity(model, hf_model, batch)
 
 
-def test_left_and_right_padding(case):
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_mixed_batches_match_transformers(case, padding_side):
+    """The processor contract: text-only rows anywhere, image rows, either padding side."""
     _, model, processor, hf_model = case
-    prompts = [processor.image_prompt(), processor.text_prompt("a cat"), processor.image_prompt()]
-    # HF cannot mix text-only rows into an image batch, so compare HF on the image rows only.
-    images = [photo("coffee", (120, 60)), None, photo("astronaut", (40, 40))]
-    right = processor(prompts, images, padding_side="right")
-    left = processor(prompts, images, padding_side="left")
-    np.testing.assert_allclose(model.embed(**right), model.embed(**left), atol=2e-6)
-    for batch in (left, right):
-        rows = [0, 2]
-        sub = {k: v[rows] for k, v in batch.items()}
-        assert_parity(model, hf_model, sub)
+    text, image = processor.text_prompt, processor.image_prompt()
+    layouts = {
+        # text, image, text, image
+        "interleaved": (
+            [text("a cat"), image, text("a red circle left of a blue square"), image],
+            [None, photo("coffee", (120, 60)), None, photo("astronaut", (40, 40))],
+        ),
+        # a text row first, then images of different sizes: image k must go to row k + 1
+        "text_first": (
+            [text("a cat"), image, image, image],
+            [None, photo("rocket", (160, 512)), photo("chelsea", (33, 90)), photo("coffee")],
+        ),
+    }
+    for name, (prompts, images) in layouts.items():
+        batch = processor(prompts, images, padding_side=padding_side)
+        assert len(batch["image_sizes"]) == 2 if name == "interleaved" else 3, name
+        assert_parity(model, hf_model, batch)
+
+
+def test_row_with_two_images(case):
+    """Several images in one row (OneVision: base tiles only, as its multi-image mode)."""
+    _, model, processor, hf_model = case
+    two = processor.image_token + " and " + processor.image_token + " look alike"
+    prompts = [processor.text_prompt("a cat"), two, processor.image_prompt()]
+    images = [None, [photo("coffee", (90, 60)), photo("rocket", (40, 70))], photo("chelsea")]
+    batch = processor(prompts, images)
+    assert len(batch["image_sizes"]) == 3
+    assert_parity(model, hf_model, batch)
+
+
+def test_encoded_batches_equal_processor_batches(case):
+    """Our fast path (uint8 units packed per group, normalised on device) equals the HF-format
+    path (normalised float pixel_values per image) exactly as far as the model can tell."""
+    _, model, processor, _ = case
+    prompts = [processor.image_prompt(), processor.text_prompt("a dog"), processor.image_prompt()]
+    images = [photo("coffee", (70, 30)), None, photo("astronaut", (50, 50))]
+    via_hf = model.embed(**processor(prompts, images))
+    fast = model.embed_examples(processor.encode_batch(prompts, images))
+    np.testing.assert_allclose(fast, via_hf, atol=2e-6)
 
 
 def test_embedder_images_match_transformers(case):
     """Embedder.embed_images (prompt, processor, batching) gives transformers' embeddings."""
     name, model, processor, hf_model = case
     images = [photo("coffee", (70, 40)), photo("astronaut", (33, 90))]
-    embedder = Embedder(model, processor, batch_size=8, progress=False)
+    embedder = Embedder(model, batch_size=8, progress=False)
     ours = embedder.embed_images(images)
     for i, image in enumerate(images):
         batch = processor([processor.image_prompt()], [image])

@@ -1,18 +1,21 @@
-"""Stage-2 grain pipeline: fixed shapes, shuffling, host sharding, resumable state, bad rows,
-and parity of the pipeline's arrays with the processor → model path."""
+"""Stage-2 grain pipeline: packed batches, shuffling, host sharding, resumable state, bad rows,
+and parity of the pipeline's batches with the processor → model path."""
 
 import json
 import logging
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests import hf_fixtures
-from unime_jax.data import mmeb
-from unime_jax.data.pipeline import FIELDS, PairTransform, make_batch_iterator
-from unime_jax.models import load_pretrained
-from unime_jax.processing import Processor
+from unime_jax import sharding
+from unime_jax.data import mmeb_convert, mmeb_train, pairs
+from unime_jax.data.pairs import PairTransform
+from unime_jax.data.pipeline import BatchCollator, make_batch_iterator, row_groups
+from unime_jax.gradcache import interleave_chunks
+from unime_jax.inference import EmbeddingModel, load_pretrained
 
 L = 96  # query and target length: fits every image below (at most 74 tokens)
 SIZES = [(20, 30), (32, 16), (40, 60), (8, 8)]
@@ -22,13 +25,27 @@ SIZES = [(20, 30), (32, 16), (40, 60), (8, 8)]
 def tiny(tmp_path_factory):
     path = hf_fixtures.save_tiny_llava(tmp_path_factory.mktemp("ov"), "llava_onevision", seed=1)
     model = load_pretrained(path)
-    return model, Processor.from_pretrained(path, model.config)
+    return model, model.processor
 
 
 @pytest.fixture(scope="module")
 def transform(tiny):
-    model, processor = tiny
-    return PairTransform(processor, max_tiles=model.max_tiles, query_length=L, target_length=L)
+    _, processor = tiny
+    return PairTransform(
+        processor, lengths={"query": L, "target": L}, max_units=processor.max_units()
+    )
+
+
+def iterator(source, transform, *, data_parallel=1, num_chunks=1, **kw):
+    collator = BatchCollator(
+        transform.processor, transform.lengths, data_parallel=data_parallel, num_chunks=num_chunks
+    )
+    return make_batch_iterator(source, transform, collator, reasons=pairs.REASONS, **kw)
+
+
+def assert_same_batch(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 def make_images(root):
@@ -72,11 +89,14 @@ def records(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lookup(records, transform):
-    return {transform.map(r)["query_input_ids"].tobytes(): i for i, r in enumerate(records)}
+    def padded(example):
+        return transform.processor.batch([example], length=L).input_ids[0].tobytes()
+
+    return {padded(transform.map(r)["query"]): i for i, r in enumerate(records)}
 
 
 def row_ids(batch, lookup):
-    return [lookup[ids.tobytes()] for ids in batch["query_input_ids"]]
+    return [lookup[ids.tobytes()] for ids in batch["query"].input_ids]
 
 
 def take(iterator, k):
@@ -84,24 +104,21 @@ def take(iterator, k):
 
 
 def test_batch_shapes_and_dtypes(records, transform, tiny):
-    model, _ = tiny
-    it = make_batch_iterator(
-        records, transform, global_batch_size=4, seed=0, process_count=1, process_index=0
-    )
+    _, processor = tiny
+    it = iterator(records, transform, global_batch_size=4, seed=0, process_count=1, process_index=0)
     batch = next(it)
-    taps = model.config.anyres.taps  # 4 only where OneVision can downsample
-    expected = {
-        "input_ids": ((4, L), np.int32),
-        "attention_mask": ((4, L), np.int32),
-        "pixel_values": ((4, model.max_tiles, 3, 32, 32), np.float32),
-        "image_index": ((4, L, taps), np.int32),
-        "image_weight": ((4, L, taps), np.float32),
-    }
-    assert set(batch) == {f"{s}_{f}" for s in ("query", "target") for f in FIELDS}
+    assert set(batch) == {"query", "target"}
+    taps = processor.layout.taps  # 4 only where OneVision can downsample
     for side in ("query", "target"):
-        for field, (shape, dtype) in expected.items():
-            assert batch[f"{side}_{field}"].shape == shape, (side, field)
-            assert batch[f"{side}_{field}"].dtype == dtype, (side, field)
+        x = batch[side]
+        assert x.input_ids.shape == x.attention_mask.shape == x.positions.shape == (4, L)
+        assert x.input_ids.dtype == x.attention_mask.dtype == x.positions.dtype == np.int32
+        if x.images is None:  # this side of this batch is text only: no tower at all
+            continue
+        pixels = x.images["pixels"]
+        assert pixels.dtype == np.uint8 and pixels.shape[0] == 1 and pixels.shape[2:] == (3, 32, 32)
+        assert x.images["pixel_lut"].shape == (1, 3, 256)
+        assert x.image_index.shape == x.image_weight.shape == (4, L, taps)
     assert it.skipped == {}
 
 
@@ -111,14 +128,10 @@ def test_examples_without_images(records, transform, tiny):
     assert text_only["qry_image"] is None and text_only["pos_image"] is None
     ex = transform.map(text_only)
     for side in ("query", "target"):
-        assert not ex[f"{side}_pixel_values"].any()
-        assert not ex[f"{side}_image_index"].any() and not ex[f"{side}_image_weight"].any()
-    n = int(ex["query_attention_mask"].sum())
-    assert n == len(processor.tokenizer("Find item 2")["input_ids"])
-    assert ex["query_attention_mask"][:n].all() and not ex["query_attention_mask"][n:].any()
+        assert ex[side].images == [] and ex[side].num_units == 0
+    assert list(ex["query"].input_ids) == processor.tokenizer("Find item 2")["input_ids"]
     image_query = transform.map(records[0])
-    assert image_query["query_pixel_values"].any() and image_query["query_image_weight"].any()
-    assert not image_query["target_pixel_values"].any()
+    assert image_query["query"].num_units == 2 and image_query["target"].num_units == 0
     # The converter's key names work too.
     converted = {
         "qry": "Find item 2",
@@ -126,13 +139,38 @@ def test_examples_without_images(records, transform, tiny):
         "pos_text": "answer 2",
         "pos_image_path": None,
     }
-    for k, v in transform.map(converted).items():
-        np.testing.assert_array_equal(v, ex[k])
+    for side, example in transform.map(converted).items():
+        np.testing.assert_array_equal(example.input_ids, ex[side].input_ids)
+
+
+def test_packed_groups_follow_the_gradcache_chunks(records, transform, tiny):
+    """With 2 data-parallel ranks and 2 chunks, each chunk's rows find their image units in
+    their own rank's group, and every row embeds as it does alone."""
+    model, processor = tiny
+    rows = records[:8]
+    it = iterator(
+        rows, transform, data_parallel=2, num_chunks=2, global_batch_size=8, seed=0,
+        shuffle=False, process_count=1, process_index=0,
+    )  # fmt: skip
+    batch = next(it)
+    np.testing.assert_array_equal(row_groups(8, 2, 2), [0, 1, 0, 1, 2, 3, 2, 3])
+    on_two = EmbeddingModel.from_module(
+        model.module, model.family, processor, sharding.make_mesh({"fsdp": 2}, jax.devices()[:2])
+    )
+    for side, text, image in (("query", "qry", "qry_image"), ("target", "pos_text", "pos_image")):
+        chunks = interleave_chunks(batch[side], 2)
+        alone = model.embed_examples(
+            [processor.encode(processor.instruction(r[text]), r[image]) for r in rows]
+        )
+        for j in range(2):
+            chunk = jax.tree.map(lambda x, j=j: x[j], chunks)  # rows j, j+2, j+4, j+6
+            got = on_two.run(chunk, pool=True)  # one group per device
+            np.testing.assert_allclose(got, alone[j::2], atol=2e-6)
 
 
 def test_shuffle_is_seeded(records, transform, lookup):
     def epoch(**kw):
-        it = make_batch_iterator(
+        it = iterator(
             records,
             transform,
             global_batch_size=4,
@@ -151,7 +189,7 @@ def test_shuffle_is_seeded(records, transform, lookup):
 
 def test_two_hosts_get_disjoint_rows(records, transform, lookup):
     def host(index, count, batch):
-        it = make_batch_iterator(
+        it = iterator(
             records, transform, global_batch_size=batch, seed=3, num_epochs=1,
             process_index=index, process_count=count,
         )  # fmt: skip
@@ -174,18 +212,16 @@ def test_resume_from_state(records, transform):
         {**records[2], "qry": " ".join(["word"] * 200)},
     ]  # one bad row, to count skips too
     kw = dict(global_batch_size=4, seed=7, process_count=1, process_index=0)  # forever
-    it = make_batch_iterator(rows, transform, **kw)
+    it = iterator(rows, transform, **kw)
     take(it, 3)
     state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
     rest = take(it, 5)  # crosses several epoch boundaries (13 rows, 4 per batch)
     assert it.skipped == {"too_long": 2}
-    resumed = make_batch_iterator(rows, transform, **kw)
+    resumed = iterator(rows, transform, **kw)
     resumed.set_state(state)
     assert resumed.skipped == state["skipped"]
     for a, b in zip(rest, take(resumed, 5)):
-        assert a.keys() == b.keys()
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k])
+        assert_same_batch(a, b)
     assert resumed.skipped == it.skipped
     assert resumed.metrics()["data/skipped/too_long"] == 2
     assert resumed.metrics()["data/skipped/total"] == 2
@@ -195,13 +231,13 @@ def test_rows_broken_after_conversion_are_skipped(tmp_path, transform, caplog):
     root = tmp_path / "images"
     names = make_images(root)
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in make_rows(12, names)))
-    mmeb.convert([tmp_path / "pairs.jsonl"], root, tmp_path / "out", progress=False)
-    source = mmeb.open_dataset(tmp_path / "out")
+    mmeb_convert.convert([tmp_path / "pairs.jsonl"], root, tmp_path / "out", progress=False)
+    source = mmeb_train.open_dataset(tmp_path / "out")
     assert len(source) == 12
     (root / names[1]).unlink()  # used by rows 1 (target) and 9 (query)
     (root / names[0]).write_bytes(b"\x89PNG broken")  # rows 0 (query), 4 (target)
     with caplog.at_level(logging.WARNING, logger="unime_jax.data.pipeline"):
-        it = make_batch_iterator(
+        it = iterator(
             source,
             transform,
             global_batch_size=2,
@@ -218,44 +254,35 @@ def test_rows_broken_after_conversion_are_skipped(tmp_path, transform, caplog):
         assert f"skipping row {row} " in warned
 
 
-def test_pipeline_arrays_match_processor_and_model(records, transform, tiny):
-    """The per-example arrays, batched, give the embeddings of the processor → model path."""
+def test_pipeline_batches_match_processor_and_model(records, transform, tiny):
+    """The pipeline's packed batches give the embeddings of the HF-format processor → model path."""
     model, p = tiny
-    it = make_batch_iterator(
-        records,
-        transform,
-        global_batch_size=4,
-        seed=0,
-        shuffle=False,
-        process_count=1,
-        process_index=0,
-    )
-    batch, rows = next(it), records[:4]
+    it = iterator(
+        records, transform, data_parallel=8, global_batch_size=8, seed=0, shuffle=False,
+        process_count=1, process_index=0,
+    )  # fmt: skip
+    batch, rows = next(it), records[:8]
     for side, text, image in (("query", "qry", "qry_image"), ("target", "pos_text", "pos_image")):
-        prefix = f"{side}_"
-        got = model.run(
-            {k[len(prefix) :]: v for k, v in batch.items() if k.startswith(prefix)}, pool=True
-        )
+        got = model.run(batch[side], pool=True)
         inputs = p([p.instruction(r[text]) for r in rows], [r[image] for r in rows], max_length=L)
         want = model.embed(**inputs)
         np.testing.assert_allclose(got, want, atol=2e-6)
-        np.testing.assert_array_equal(batch[f"{prefix}input_ids"], inputs["input_ids"])
+        np.testing.assert_array_equal(batch[side].input_ids, inputs["input_ids"])
 
 
 @pytest.mark.slow  # starts a worker process (~30 s here: it imports jax and transformers)
 def test_worker_processes_give_the_same_batches_and_counts(records, transform, tmp_path):
     rows = [*records, {**records[0], "qry_image": str(tmp_path / "gone.png")}]
     kw = dict(global_batch_size=4, seed=5, num_epochs=1, process_count=1, process_index=0)
-    local = make_batch_iterator(rows, transform, **kw)
+    local = iterator(rows, transform, **kw)
     want = list(local)
-    workers = make_batch_iterator(rows, transform, worker_count=1, **kw)
+    workers = iterator(rows, transform, worker_count=1, **kw)
     try:
         got = list(workers)
     finally:
         workers.close()
     assert len(got) == len(want) == 2  # 12 of 13 rows (whole global batches), 1 of them bad
     for a, b in zip(want, got):
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k])
+        assert_same_batch(a, b)
     # Bad rows are filtered (and counted) in this process even when workers transform them.
     assert workers.skipped == local.skipped == {"missing_image": 1}

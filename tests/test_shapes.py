@@ -1,4 +1,4 @@
-"""Tests of the synthetic shapes dataset (unime_jax.data.shapes)."""
+"""Tests of the synthetic shapes world (unime_jax.demo.world)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unime_jax.data import shapes as S
-from unime_jax.tiny import DEFAULT_WORDS, build_tokenizer
+from unime_jax.demo.tokenizers import DEFAULT_WORDS, build_tokenizer
+from unime_jax.demo.world import negatives as N
+from unime_jax.demo.world import render as R
+from unime_jax.demo.world import scenes as S
+from unime_jax.demo.world import sets as V
 
 
 @functools.cache
@@ -29,13 +32,13 @@ def _pixels(img: Image.Image) -> np.ndarray:
 def test_determinism():
     a, b = S.make_split(7, 300, held_out=False), S.make_split(7, 300, held_out=False)
     assert [S.caption(s) for s in a] == [S.caption(s) for s in b]
-    assert all(np.array_equal(_pixels(S.render(x)), _pixels(S.render(y))) for x, y in zip(a, b))
+    assert all(np.array_equal(_pixels(R.render(x)), _pixels(R.render(y))) for x, y in zip(a, b))
     # A prefix of a longer split is the shorter split.
     assert S.make_split(7, 50, held_out=False) == a[:50]
     # Another seed gives other scenes.
     assert [S.caption(s) for s in S.make_split(8, 300, held_out=False)] != [S.caption(s) for s in a]
 
-    r1, r2 = S.training_rows(3, 12), S.training_rows(3, 12)
+    r1, r2 = V.training_rows(3, 12), V.training_rows(3, 12)
     for x, y in zip(r1, r2):
         assert {k: v for k, v in x.items() if "image" not in k} == {
             k: v for k, v in y.items() if "image" not in k
@@ -45,25 +48,25 @@ def test_determinism():
             if x[key] is not None:
                 assert x[key].tobytes() == y[key].tobytes()
 
-    c1, c2 = S.compositional_set(5, 60), S.compositional_set(5, 60)
-    for kind in S.NEGATIVE_TYPES:
+    c1, c2 = V.compositional_set(5, 60), V.compositional_set(5, 60)
+    for kind in N.NEGATIVE_TYPES:
         assert [t[1:] for t in c1[kind]] == [t[1:] for t in c2[kind]]
         assert [t[0].tobytes() for t in c1[kind]] == [t[0].tobytes() for t in c2[kind]]
     # The default negative choice depends only on the scene.
     s = _held_out_scenes()[0]
-    assert S.negative(s, "replace_att") == S.negative(s, "replace_att")
+    assert N.negative(s, "replace_att") == N.negative(s, "replace_att")
 
 
 @pytest.mark.parametrize("style", ["qwen2", "mistral"])
 def test_no_unknown_tokens(style):
     tok = build_tokenizer(style)
-    texts = set(S.training_sentences(0, 1500))
-    texts |= set(S.retrieval_set(1, 100)[1])
-    for triples in S.compositional_set(0, 200).values():
+    texts = set(V.training_sentences(0, 1500))
+    texts |= set(V.retrieval_set(1, 100)[1])
+    for triples in V.compositional_set(0, 200).values():
         texts |= {t for _, cap, neg in triples for t in (cap, neg)}
-    for row in S.training_rows(0, 40):
-        texts |= {row["qry"].replace(S.IMAGE_PLACEHOLDER, tok.image_token)}
-        texts |= {row["pos_text"].replace(S.IMAGE_PLACEHOLDER, tok.image_token)}
+    for row in V.training_rows(0, 40):
+        texts |= {row["qry"].replace(V.IMAGE_PLACEHOLDER, tok.image_token)}
+        texts |= {row["pos_text"].replace(V.IMAGE_PLACEHOLDER, tok.image_token)}
     vocab_words = {*S.COLOURS, *S.SHAPES, *S.SIZE_WORDS, *" ".join(S.RELATIONS).split()}
     assert vocab_words <= set(DEFAULT_WORDS)
     for text in sorted(texts):
@@ -90,12 +93,12 @@ def _changed(a: tuple[S.ObjectDesc, ...], b: tuple[S.ObjectDesc, ...]) -> list[i
     return [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
 
 
-@pytest.mark.parametrize("kind", S.NEGATIVE_TYPES)
+@pytest.mark.parametrize("kind", N.NEGATIVE_TYPES)
 def test_negatives_are_minimal_and_false(kind):
     n_made = 0
     for scene in _held_out_scenes():
         true, cap = scene.describe(), S.caption(scene)
-        neg = S.negative(scene, kind)
+        neg = N.negative(scene, kind)
         objs = true.objects
         colours_differ = any(a.colour != b.colour for a in objs for b in objs)
         shapes_differ = any(a.shape != b.shape for a in objs for b in objs)
@@ -164,18 +167,18 @@ def test_negatives_are_minimal_and_false(kind):
 
 
 def test_held_out_disjoint_from_training():
-    train_text = set(S.training_sentences(0, 3000))
-    for row in S.training_rows(1, 1000):
+    train_text = set(V.training_sentences(0, 3000))
+    for row in V.training_rows(1, 1000):
         if row["qry_image"] is not None:
             train_text.add(row["pos_text"])
         else:
-            train_text.add(row["qry"].removeprefix(S.T2I_QUERY_PREFIX))
+            train_text.add(row["qry"].removeprefix(V.T2I_QUERY_PREFIX))
     held: set[str] = set()
     for scene in S.make_split(0, 300, held_out=True) + S.make_split(1, 300, held_out=True):
         assert S.is_held_out(scene)
         held |= S.equivalent_captions(scene)
-    held |= set(S.retrieval_set(2, 200)[1])
-    held |= {cap for triples in S.compositional_set(3, 100).values() for _, cap, _ in triples}
+    held |= set(V.retrieval_set(2, 200)[1])
+    held |= {cap for triples in V.compositional_set(3, 100).values() for _, cap, _ in triples}
     assert held and not (held & train_text)
     assert not any(S.is_held_out(s) for s in _train_scenes())
 
@@ -184,7 +187,7 @@ def test_render_pixels():
     size = 64
     areas: dict[tuple[str, str | None], list[int]] = {}
     for scene in _train_scenes()[:600]:
-        img = S.render(scene, size)
+        img = R.render(scene, size)
         assert img.size == (size, size) and img.mode == "RGB"
         px = _pixels(img).reshape(-1, 3).astype(np.int64)
         codes, counts = np.unique(px[:, 0] << 16 | px[:, 1] << 8 | px[:, 2], return_counts=True)
@@ -224,31 +227,31 @@ def test_render_pixels():
 
 
 def test_views_format():
-    rows = S.training_rows(0, 20)
+    rows = V.training_rows(0, 20)
     assert len(rows) == 20
-    caps = S.training_sentences(0, 20)
+    caps = V.training_sentences(0, 20)
     for i, (row, cap) in enumerate(zip(rows, caps)):
         assert set(row) == {"qry", "qry_image", "pos_text", "pos_image"}
         if i % 2 == 0:
-            assert row["qry"] == S.I2T_QUERY and row["pos_text"] == cap
+            assert row["qry"] == V.I2T_QUERY and row["pos_text"] == cap
             assert isinstance(row["qry_image"], Image.Image) and row["pos_image"] is None
         else:
-            assert row["qry"] == S.T2I_QUERY_PREFIX + cap and row["pos_text"] == S.IMAGE_TARGET
+            assert row["qry"] == V.T2I_QUERY_PREFIX + cap and row["pos_text"] == V.IMAGE_TARGET
             assert isinstance(row["pos_image"], Image.Image) and row["qry_image"] is None
 
-    images, captions, image_for_caption = S.retrieval_set(0, 150)
+    images, captions, image_for_caption = V.retrieval_set(0, 150)
     assert len(images) == len(captions) == len(image_for_caption) == 150
     assert image_for_caption == list(range(150))
     scenes = S.make_split(0, 150, held_out=True, unique=True)
     assert len({S.canonical_key(s) for s in scenes}) == 150
     assert captions == [S.caption(s) for s in scenes]
 
-    comp = S.compositional_set(0, 200)
-    assert tuple(comp) == S.NEGATIVE_TYPES
+    comp = V.compositional_set(0, 200)
+    assert tuple(comp) == N.NEGATIVE_TYPES
     for kind, triples in comp.items():
         assert triples, kind
         for img, cap, neg in triples:
             assert isinstance(img, Image.Image) and img.size == (64, 64)
             assert cap != neg
     # Splits come from the scenes of retrieval_set(seed, n).
-    assert {c for _, c, _ in comp["replace_att"]} == set(S.retrieval_set(0, 200)[1])
+    assert {c for _, c, _ in comp["replace_att"]} == set(V.retrieval_set(0, 200)[1])

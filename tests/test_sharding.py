@@ -8,8 +8,7 @@ from jax.sharding import PartitionSpec
 from tests import hf_fixtures
 from tests.test_model_parity import photo
 from unime_jax import sharding
-from unime_jax.models import load_pretrained
-from unime_jax.processing import Processor
+from unime_jax.inference import load_pretrained
 
 MESHES = {
     "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2},
@@ -25,7 +24,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def inputs(checkpoint):
     single = load_pretrained(checkpoint, mesh=sharding.make_mesh({"fsdp": 1}, jax.devices()[:1]))
-    processor = Processor.from_pretrained(checkpoint, single.config)
+    processor = single.processor
     prompts = [
         processor.image_prompt(),
         processor.text_prompt("a dog on a red mat"),

@@ -12,11 +12,15 @@ from flax import nnx
 
 from configs import stage1 as stage1_config
 from configs import stage2 as stage2_config
-from unime_jax import sharding, stage1, steps, teacher, train
-from unime_jax.data.sentences import SentenceTransform, open_sentences, truncate
+from unime_jax import inference, sharding, stages, steps, teacher, train
+from unime_jax.data.sentences import SentenceTransform, open_sentences
+from unime_jax.demo.world import sets as world
 from unime_jax.embedder import Embedder
+from unime_jax.errors import UsageError
+from unime_jax.families.llava import ONEVISION
 from unime_jax.models.lora import apply_lora
-from unime_jax.weights import loader
+from unime_jax.preprocess.text import truncate
+from unime_jax.stages import distill as stage1
 
 
 class HashTeacher:
@@ -48,7 +52,7 @@ def tiny_cfg(**overrides):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
-    path = stage1.write_nli_csv(root / "nli.csv", stage1.shapes.nli_rows(0, 24))
+    path = stage1.write_nli_csv(root / "nli.csv", world.nli_rows(0, 24))
     teacher.precompute(teacher.read_corpus(path, verbose=False), root / "t", teacher=HashTeacher())
     return path, root / "t"
 
@@ -58,13 +62,15 @@ def setup(tmp_path_factory, corpus):
     """Text-only demo model, stage-1 data and optimiser on the 8-device mesh."""
     cfg = tiny_cfg(corpus=str(corpus[0]), teacher_dir=str(corpus[1]))
     mesh = sharding.make_mesh(dict(cfg.mesh))
-    directory = train.base_checkpoint(cfg, str(tmp_path_factory.mktemp("demo")))
-    module, processor, max_tiles = train.build_model(cfg, mesh, directory)
-    apply_lora(module, train.lora_targets("llm"), rank=4, alpha=8.0, rngs=nnx.Rngs(1))
+    directory = train.resolve_model(cfg, str(tmp_path_factory.mktemp("demo")))
+    stage = stages.get(1)
+    _, _, module, processor = inference.build_model(directory, mesh, text_only=stage.text_only)
+    apply_lora(module, ONEVISION.lora_targets["llm"], rank=4, alpha=8.0, rngs=nnx.Rngs(1))
     graphdef, trainable, frozen = nnx.split(module, nnx.LoRAParam, ...)
-    data, source = stage1.make_data(cfg, processor)
+    source = stage.source(cfg)
+    data = train.make_data(cfg, stage, processor, mesh, source)
     batches = [sharding.put_batch(next(data), mesh) for _ in range(2)]
-    return cfg, mesh, module, processor, max_tiles, graphdef, trainable, frozen, batches, source
+    return cfg, mesh, module, processor, graphdef, trainable, frozen, batches, source
 
 
 def test_truncation_keeps_the_prompt_suffix(setup):
@@ -78,7 +84,7 @@ def test_truncation_keeps_the_prompt_suffix(setup):
     closing = processor.text_prompt("SENTENCE").split("SENTENCE", 1)[1]  # "\nSummary above ..."
     assert transform.prompt(long).endswith(closing)
     out = transform.map({"id": "0:sent0", "sentence": long, "teacher": np.ones(5)})
-    assert out["text_input_ids"].shape == (cfg.text_length,)
+    assert len(out["text"]) <= cfg.text_length and out["text"].images == []
     assert out["teacher"].dtype == np.float32
     tight = SentenceTransform(processor, length=8).map(
         {"id": "7:sent1", "sentence": long, "teacher": 0}
@@ -89,26 +95,28 @@ def test_truncation_keeps_the_prompt_suffix(setup):
 def test_batches_carry_teacher_vectors(setup):
     cfg, *_, batches, source = setup
     batch = batches[0]
-    assert set(batch) == {"text_input_ids", "text_attention_mask", "teacher"}
+    assert set(batch) == {"text", "teacher"}
+    assert batch["text"].input_ids.shape == (cfg.batch_size, cfg.text_length)
+    assert batch["text"].images is None
     assert batch["teacher"].shape == (cfg.batch_size, HashTeacher.dim)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(batch["teacher"]), axis=-1), 1, atol=1e-5)
     assert len(source) == 72  # 24 rows x (sent0, sent1, hard_neg)
 
 
 def test_teacher_files_of_another_corpus_are_refused(tmp_path, corpus):
-    other = stage1.write_nli_csv(tmp_path / "other.csv", stage1.shapes.nli_rows(5, 24))
+    other = stage1.write_nli_csv(tmp_path / "other.csv", world.nli_rows(5, 24))
     with pytest.raises(ValueError, match="do not belong to"):
         open_sentences(other, corpus[1])
-    shorter = stage1.write_nli_csv(tmp_path / "short.csv", stage1.shapes.nli_rows(0, 20))
+    shorter = stage1.write_nli_csv(tmp_path / "short.csv", world.nli_rows(0, 20))
     with pytest.raises(ValueError, match=r"count|checksum"):
         open_sentences(shorter, corpus[1])
-    with pytest.raises(FileNotFoundError, match="run the teacher precompute"):
+    with pytest.raises(ValueError, match="run the teacher precompute"):
         open_sentences(corpus[0], tmp_path / "missing")
 
 
 def test_only_the_llm_is_built(setup):
-    module, max_tiles = setup[2], setup[4]
-    assert module.vision is None and module.projector is None and max_tiles == 0
+    module, processor = setup[2], setup[3]
+    assert module.vision is None and module.projector is None and processor.layout is None
     names = {
         jax.tree_util.keystr(p)
         for p, _ in jax.tree_util.tree_flatten_with_path(nnx.state(module))[0]
@@ -117,12 +125,15 @@ def test_only_the_llm_is_built(setup):
 
 
 def test_step_trains_only_adapters_and_chunking_is_exact(setup):
-    cfg, mesh, _, _, _, graphdef, trainable, frozen, batches, _ = setup
+    cfg, mesh, _, _, graphdef, trainable, frozen, batches, _ = setup
     tx = steps.make_optimizer(cfg)
     results = []
+    stage = stages.get(1)
     for chunks in (1, 2):
         c = tiny_cfg(num_chunks=chunks)
-        step_fn = steps.make_train_step(graphdef, tx, c, mesh, trainable, frozen)
+        step_fn = steps.make_train_step(
+            graphdef, tx, c, mesh, stage.loss_fn(c), stage.sides, trainable, frozen
+        )
         state = steps.init_state(trainable, tx, 0, mesh)
         losses = []
         for batch in batches * 3:
@@ -150,8 +161,8 @@ def test_config_validation(tmp_path):
     mesh = sharding.make_mesh()
     real = stage1_config.get_config()
     real.model = "/some/model"
-    with pytest.raises(train.ConfigError, match="teacher embeddings"):
-        train.validate(real, mesh)
+    with pytest.raises(UsageError, match="teacher embeddings"):
+        train.validate(real, mesh, stages.get(1))
     with pytest.raises(ValueError, match="unknown stage-1 preset"):
         stage1_config.get_config("nope")
 
@@ -167,11 +178,11 @@ def test_demo_chain_stage1_merged_then_stage2(tmp_path):
     assert json.loads((s1 / "results.json").read_text())["merged"] == str(merged)
 
     # Merge then reload equals the trained (unmerged LoRA) forward: same agreement numbers.
-    model = loader.load_pretrained(merged, mesh=sharding.make_mesh(), text_only=True)
+    model = inference.load_pretrained(merged, mesh=sharding.make_mesh(), text_only=True)
     eval_set = open_sentences(s1 / "demo_data" / "eval.csv", s1 / "demo_data" / "teacher_eval")
     cfg = tiny_cfg()
     reloaded = stage1.teacher_agreement(
-        Embedder(model, model_processor(merged, model), batch_size=64, progress=False),
+        Embedder(model, batch_size=64, progress=False),
         eval_set,
         max_sentence_tokens=cfg.max_sentence_tokens,
         cfg=cfg,
@@ -202,12 +213,6 @@ def test_demo_chain_stage1_merged_then_stage2(tmp_path):
         target_length=48,
     )
     assert train.run(s2, str(tmp_path / "s2"))["steps"] == 2
-
-
-def model_processor(directory, model):
-    from unime_jax.processing import Processor
-
-    return Processor.from_pretrained(directory, model.config)
 
 
 def test_resume_continues_exactly(tmp_path, corpus):

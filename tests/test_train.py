@@ -17,8 +17,9 @@ import pytest
 from flax import nnx
 
 from configs import stage2
-from unime_jax import sharding, steps, train
-from unime_jax.metrics import read_jsonl
+from unime_jax import inference, sharding, stages, steps, train
+from unime_jax.errors import UsageError
+from unime_jax.train_log import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,32 +47,44 @@ def setup(tmp_path_factory):
     """Model, data and step of the tiny demo config on the 8-device mesh."""
     cfg = tiny_cfg()
     mesh = sharding.make_mesh(dict(cfg.mesh))
-    directory = train.base_checkpoint(cfg, str(tmp_path_factory.mktemp("demo")))
-    module, processor, max_tiles = train.build_model(cfg, mesh, directory)
+    directory = train.resolve_model(cfg, str(tmp_path_factory.mktemp("demo")))
+    _, _, module, processor = inference.build_model(directory, mesh, dtype=cfg.dtype)
     graphdef, trainable, frozen = nnx.split(module, nnx.Param, ...)
     tx = steps.make_optimizer(cfg)
-    data = train.make_data(cfg, processor, max_tiles)
+    data = train.make_data(cfg, stages.get(2), processor, mesh)
     batches = [sharding.put_batch(next(data), mesh) for _ in range(3)]
-    return cfg, mesh, graphdef, trainable, frozen, tx, batches
+    return cfg, mesh, graphdef, trainable, frozen, tx, batches, processor
+
+
+def make_step(cfg, mesh, graphdef, tx, trainable, frozen):
+    stage = stages.get(cfg.stage)
+    return steps.make_train_step(
+        graphdef, tx, cfg, mesh, stage.loss_fn(cfg), stage.sides, trainable, frozen
+    )
 
 
 def test_config_validation():
-    mesh = sharding.make_mesh()
-    with pytest.raises(train.ConfigError, match="not divisible by num_chunks"):
-        train.validate(tiny_cfg(batch_size=18, num_chunks=4), mesh)
-    with pytest.raises(train.ConfigError, match="must split over the 8 data-parallel devices"):
-        train.validate(tiny_cfg(batch_size=16, num_chunks=4), mesh)
+    mesh, stage = sharding.make_mesh(), stages.get(2)
+    with pytest.raises(UsageError, match="not divisible by num_chunks"):
+        train.validate(tiny_cfg(batch_size=18, num_chunks=4), mesh, stage)
+    with pytest.raises(UsageError, match="must split over the 8 data-parallel devices"):
+        train.validate(tiny_cfg(batch_size=16, num_chunks=4), mesh, stage)
     real = stage2.get_config()
-    with pytest.raises(train.ConfigError, match=r"set --config\.model"):
-        train.validate(real, mesh)
+    with pytest.raises(UsageError, match=r"set --config\.model"):
+        train.validate(real, mesh, stage)
     real.model = "/some/model"
-    with pytest.raises(train.ConfigError, match="convert MMEB-train"):
-        train.validate(real, mesh)
+    with pytest.raises(UsageError, match="convert MMEB-train"):
+        train.validate(real, mesh, stage)
+    # The paper preset picks its chunk count from the mesh: one row per device per chunk.
+    assert train.num_chunks(real, 8) == 128 and train.num_chunks(real, 32) == 32
+    for key, value in [("batch_size", -4), ("lr", 0.0), ("lora_dropout", 1.0), ("remat", "x")]:
+        with pytest.raises(UsageError, match=f"--config.{key}="):
+            train.validate(tiny_cfg(**{key: value}), mesh, stage)
 
 
 def test_step_compiles_once_and_learns(setup):
-    cfg, mesh, graphdef, trainable, frozen, tx, batches = setup
-    step_fn = steps.make_train_step(graphdef, tx, cfg, mesh, trainable, frozen)
+    cfg, mesh, graphdef, trainable, frozen, tx, batches, _ = setup
+    step_fn = make_step(cfg, mesh, graphdef, tx, trainable, frozen)
     state = steps.init_state(trainable, tx, 0, mesh)
     losses = []
     for batch in batches * 3:
@@ -85,27 +98,48 @@ def test_step_compiles_once_and_learns(setup):
 
 
 def test_non_finite_step_is_skipped(setup):
-    cfg, mesh, graphdef, trainable, frozen, tx, batches = setup
-    step_fn = steps.make_train_step(graphdef, tx, cfg, mesh, trainable, frozen)
+    _, mesh, graphdef, trainable, frozen, _, batches, _ = setup
+    cfg = tiny_cfg(warmup_steps=0)  # a real learning rate at step 0: an update would show
+    tx = steps.make_optimizer(cfg)
+    step_fn = make_step(cfg, mesh, graphdef, tx, trainable, frozen)
     state = steps.init_state(trainable, tx, 0, mesh)
     before = jax.tree.map(np.asarray, state.trainable)
-    bad = dict(batches[0])
-    bad["query_pixel_values"] = bad["query_pixel_values"] * np.nan
+    query = batches[0]["query"]
+    poisoned = query.images | {"pixel_lut": query.images["pixel_lut"] * np.nan}
+    bad = dict(batches[0], query=query.replace(images=poisoned))
     state, metrics = step_fn(state, frozen, bad)
     assert not np.isfinite(float(metrics["loss"]))
     assert int(state.skipped) == 1 and int(state.step) == 1
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.trainable), before)
+    state, metrics = step_fn(state, frozen, batches[1])  # the next good step does update
+    assert np.isfinite(float(metrics["loss"])) and int(state.skipped) == 1
+    after = jax.tree.map(np.asarray, state.trainable)
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before))
+    )
 
 
 def test_chunking_does_not_change_the_update(setup):
-    _, mesh, graphdef, trainable, frozen, tx, batches = setup
+    _, mesh, graphdef, trainable, frozen, _, _, processor = setup
     results = []
+    initial = jax.tree.map(np.asarray, trainable)
     for chunks in (1, 2):
-        c = tiny_cfg(num_chunks=chunks)
-        step_fn = steps.make_train_step(graphdef, tx, c, mesh, trainable, frozen)
-        state, metrics = step_fn(steps.init_state(trainable, tx, 0, mesh), frozen, batches[0])
+        # lr > 0 at step 0, so parameters move; Adam's eps = 1 makes the first update lr * g /
+        # (|g| + 1), proportional to the gradient (eps = 1e-8 would turn it into lr * sign(g)).
+        c = tiny_cfg(num_chunks=chunks, warmup_steps=0, adam_eps=1.0, lr=1e-2)
+        tx = steps.make_optimizer(c)
+        # The same rows, packed for this chunk count (image groups follow the chunks).
+        data = train.make_data(c, stages.get(2), processor, mesh)
+        batch = sharding.put_batch(next(data), mesh)
+        step_fn = make_step(c, mesh, graphdef, tx, trainable, frozen)
+        state, metrics = step_fn(steps.init_state(trainable, tx, 0, mesh), frozen, batch)
         results.append((float(metrics["loss"]), jax.tree.map(np.asarray, state.trainable)))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    moved = [
+        not np.allclose(a, b)
+        for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(initial))
+    ]
+    assert any(moved)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), results[0][1], results[1][1]
     )

@@ -1,6 +1,6 @@
 """unime_jax: UniME universal multimodal embeddings in JAX / Flax NNX."""
 
 from unime_jax.embedder import Embedder
-from unime_jax.models import EmbeddingModel, load_pretrained
+from unime_jax.inference import EmbeddingModel, load_pretrained
 
 __all__ = ["Embedder", "EmbeddingModel", "load_pretrained"]

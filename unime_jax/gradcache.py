@@ -16,7 +16,10 @@ is exactly the full-batch gradient, provided both passes see the same per-chunk 
 (dropout), see :func:`chunk_key`.
 
 Everything is pure JAX, meant to live inside one ``jax.jit``-ed train step whose batch arrays
-are sharded on their leading axis over ``("data", "fsdp")``. Chunks are *interleaved* (chunk
+are sharded on their leading axis over ``("data", "fsdp")``. A side's inputs are any pytree
+(e.g. :class:`~unime_jax.models.inputs.ModelInputs`) whose leaves have a leading axis divisible
+by the chunk count: rows, or the image groups that the data pipeline laid out so that every
+chunk's groups hold exactly that chunk's rows (see :func:`unime_jax.data.pipeline.row_groups`). Chunks are *interleaved* (chunk
 ``j`` = rows ``j, j+c, j+2c, …``) rather than contiguous: with rows split contiguously over
 devices, a contiguous chunk would live on one or two devices and leave the rest idle (or force
 a reshard), whereas an interleaved chunk takes ``N / (c · dp)`` rows from every device, so each
@@ -25,7 +28,7 @@ scan step is data-parallel over the whole mesh with no communication for the sli
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -35,19 +38,8 @@ from jax import lax
 PyTree = Any
 # encode(params, inputs_chunk, key) -> (n, D) float32 embeddings.
 EncodeFn = Callable[[PyTree, PyTree, jax.Array], jax.Array]
-# loss_fn(*side_embs) -> (loss, aux), or just loss when has_aux=False.
-LossFn = Callable[[jax.Array, jax.Array], Any]
-
-# Side ids folded into the step key, so queries and targets never share dropout masks.
-QUERY_SIDE = 0
-TARGET_SIDE = 1
-
-
-def _batch_size(tree: PyTree) -> int:
-    sizes = {leaf.shape[0] for leaf in jax.tree.leaves(tree)}
-    if len(sizes) != 1:
-        raise ValueError(f"all leaves need the same leading (batch) size, got {sorted(sizes)}")
-    return sizes.pop()
+# loss_fn({side: (N, D) embeddings}) -> (loss, aux), or just loss when has_aux=False.
+LossFn = Callable[[dict[str, jax.Array]], Any]
 
 
 def interleave_chunks(tree: PyTree, num_chunks: int) -> PyTree:
@@ -57,12 +49,13 @@ def interleave_chunks(tree: PyTree, num_chunks: int) -> PyTree:
     sharding of the leading axis carries over to the ``N/c`` axis untouched (no collective),
     provided ``N / num_chunks`` is divisible by the data-parallel size (the caller's job).
     """
-    n = _batch_size(tree)
-    if n % num_chunks:
-        raise ValueError(f"batch size {n} is not divisible by num_chunks={num_chunks}")
 
     def one(x):
-        x = x.reshape(n // num_chunks, num_chunks, *x.shape[1:])
+        if x.shape[0] % num_chunks:
+            raise ValueError(
+                f"leading axis {x.shape[0]} is not divisible by num_chunks={num_chunks}"
+            )
+        x = x.reshape(x.shape[0] // num_chunks, num_chunks, *x.shape[1:])
         return jnp.swapaxes(x, 0, 1)
 
     return jax.tree.map(one, tree)
@@ -85,7 +78,7 @@ def chunk_key(side_key: jax.Array, j: jax.Array | int) -> jax.Array:
 
     Both GradCache passes derive their keys through this one function, so the re-run in pass 2
     draws exactly the dropout masks that produced the cached embeddings in pass 1. In
-    :func:`gradcache_value_and_grad` ``side_key = fold_in(key, QUERY_SIDE | TARGET_SIDE)``.
+    :func:`gradcache_value_and_grad` ``side_key = fold_in(key, s)`` for the s-th side.
     """
     return jax.random.fold_in(side_key, j)
 
@@ -141,43 +134,44 @@ def gradcache_value_and_grad(
     encode: EncodeFn,
     loss_fn: LossFn,
     params: PyTree,
-    *side_inputs: PyTree,
+    sides: Mapping[str, PyTree],
+    *,
     num_chunks: int,
     key: jax.Array,
     has_aux: bool = True,
 ) -> tuple[Any, PyTree]:
-    """Full-batch ``value_and_grad`` of ``loss_fn(*[encode(side) for side in side_inputs])``.
+    """Full-batch ``value_and_grad`` of ``loss_fn({side: encode(inputs) for each side})``.
 
-    Stage 2 passes two sides (queries, targets); stage 1 passes one (the student's sentences,
-    with the teacher embeddings closed over by ``loss_fn``). Returns ``((loss, aux), grads)``
-    (``(loss, grads)`` when ``has_aux=False``, as with ``jax.value_and_grad``). ``grads`` has
-    the tree structure and dtypes of ``params`` (an ``nnx.State`` works like any pytree); chunk
-    gradients are summed in float32 and cast to each parameter's dtype once at the end.
+    Stage 2 passes two sides (``query``, ``target``); stage 1 one (``text``, with the teacher
+    embeddings closed over by ``loss_fn``). Returns ``((loss, aux), grads)`` (``(loss, grads)``
+    when ``has_aux=False``, as with ``jax.value_and_grad``). ``grads`` has the tree structure
+    and dtypes of ``params`` (an ``nnx.State`` works like any pytree); chunk gradients are summed
+    in float32 and cast to each parameter's dtype once at the end.
 
     Sides may have different structures (texts vs images), so each is chunked and encoded
-    separately, all with ``num_chunks`` chunks; their batch sizes must be divisible by it.
-
-    Key scheme: side ``s`` (``QUERY_SIDE = 0``, ``TARGET_SIDE = 1``, ...) chunk ``j`` is encoded
-    with ``fold_in(fold_in(key, s), j)`` in both passes, so dropout in the re-run equals the
-    masks that made the cached embeddings.
+    separately, all with ``num_chunks`` chunks. Key scheme: the s-th side (in ``sides`` order)
+    chunk ``j`` is encoded with ``fold_in(fold_in(key, s), j)`` in both passes, so dropout in
+    the re-run equals the masks that made the cached embeddings, and sides never share masks.
     """
-    if not side_inputs:
+    if not sides:
         raise ValueError("gradcache_value_and_grad needs at least one side of inputs")
-    side_keys = [jax.random.fold_in(key, s) for s in range(len(side_inputs))]
+    names = list(sides)
+    side_keys = {name: jax.random.fold_in(key, s) for s, name in enumerate(names)}
 
     # Pass 1: embeddings only. Nothing is differentiated here, so the scans keep no residuals.
-    embs = [
-        embed_in_chunks(encode, params, inputs, num_chunks, k)
-        for inputs, k in zip(side_inputs, side_keys, strict=True)
-    ]
+    embs = {
+        name: embed_in_chunks(encode, params, sides[name], num_chunks, side_keys[name])
+        for name in names
+    }
 
     # The loss on the full global batch, and the gradient "cache" d loss / d embeddings.
-    argnums = tuple(range(len(embs)))
-    value, emb_grads = jax.value_and_grad(loss_fn, argnums=argnums, has_aux=has_aux)(*embs)
+    value, emb_grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(embs)
 
     # Pass 2: re-run each chunk with its embedding gradient; one float32 accumulator for all.
     acc = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
-    for inputs, grad, k in zip(side_inputs, emb_grads, side_keys, strict=True):
-        acc = _accumulate_param_grads(encode, params, inputs, grad, num_chunks, k, acc)
+    for name in names:
+        acc = _accumulate_param_grads(
+            encode, params, sides[name], emb_grads[name], num_chunks, side_keys[name], acc
+        )
     grads = jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
     return value, grads

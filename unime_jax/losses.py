@@ -24,7 +24,7 @@ from jax import lax
 __all__ = ["KDDirection", "hard_negative_infonce", "infonce", "similarity_kd"]
 
 KDDirection = Literal["teacher_student", "student_teacher", "symmetric"]
-_KD_DIRECTIONS = ("teacher_student", "student_teacher", "symmetric")
+KD_DIRECTIONS = ("teacher_student", "student_teacher", "symmetric")
 
 
 def _compute_dtype(*arrays: jax.Array) -> jnp.dtype:
@@ -281,8 +281,8 @@ def similarity_kd(
             f"student and teacher must embed the same N rows; got {student.shape[0]} and "
             f"{teacher.shape[0]}"
         )
-    if direction not in _KD_DIRECTIONS:
-        raise ValueError(f"direction must be one of {_KD_DIRECTIONS}, got {direction!r}")
+    if direction not in KD_DIRECTIONS:
+        raise ValueError(f"direction must be one of {KD_DIRECTIONS}, got {direction!r}")
     _check_temperature(temperature)
     n = student.shape[0]
     if not keep_diagonal and n < 2:

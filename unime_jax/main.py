@@ -1,17 +1,22 @@
 """Entry point: ``python -m unime_jax.main --config=configs/stage{1,2}.py[:preset] --workdir=DIR``.
 
 Overrides use ml_collections syntax, e.g. ``--config.lr=2e-5 --config.mesh.tensor=4``.
-On a multi-host TPU slice every host runs the same command (see tpu_scripts/).
+On a multi-host TPU slice every host runs the same command (see tpu_scripts/). User errors
+(flags, config values, missing data or checkpoints) end in ``error: ...`` / ``Fix: ...`` and exit
+status 2 (usage) or 1 (data), without a traceback.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+from unime_jax.errors import UsageError, run_main
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file, optionally :preset."
@@ -22,15 +27,13 @@ _DISTRIBUTED = flags.DEFINE_bool(
 )
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("absl").setLevel(logging.WARNING)
+def train() -> None:
     cfg = _CONFIG.value
     if cfg is None or not _WORKDIR.value:
-        raise app.UsageError("--config and --workdir are required")
+        raise UsageError(
+            "--config and --workdir are required",
+            "pass both, e.g. --config=configs/stage2.py:demo --workdir=runs/demo",
+        )
     distributed = _DISTRIBUTED.value
     if distributed is None:
         distributed = (
@@ -38,15 +41,19 @@ def main(argv: list[str]) -> None:
         )
     if distributed:
         jax.distributed.initialize()
-    cache = os.path.expanduser("~/.cache/unime_jax/jax")
-    jax.config.update("jax_compilation_cache_dir", cache)
-    if cfg.stage not in (1, 2):
-        raise app.UsageError(
-            f"stage {cfg.stage} does not exist; use configs/stage1.py or stage2.py"
-        )
-    from unime_jax import train
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/unime_jax/jax"))
+    from unime_jax import train as trainer
 
-    train.run(cfg, _WORKDIR.value)
+    trainer.run(cfg, _WORKDIR.value)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    sys.exit(run_main(train))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Every parameter carries logical axis names (e.g. ``("embed", "mlp")``) as NNX metadata; this
 module is the single place that maps them onto the physical mesh axes ``data``, ``fsdp`` and
-``tensor``. Activations use the same table through :func:`logical_sharding`.
+``tensor``. Activations use the same table through :func:`constrain`, inside code traced under
+``jax.set_mesh(mesh)`` (the train step and the embedding forward are).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -91,8 +93,13 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
-def logical_sharding(mesh: Mesh, *names: str | None, shape=None) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
+    """``x`` constrained to the sharding its logical axis ``names`` map to on the current mesh
+    (set with ``jax.set_mesh``); unchanged when no mesh is set."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))
 
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
@@ -112,21 +119,35 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
-def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Places a host batch on the mesh, batch axis split over (data, fsdp).
+def put_batch(batch: Any, mesh: Mesh) -> Any:
+    """Places a host batch (any pytree of arrays) on the mesh, leading axes over (data, fsdp).
 
     With several processes each host passes its local slice and the global array is assembled;
     on one host this is a plain sharded ``device_put``.
     """
-    out = {}
-    for key, value in batch.items():
+
+    def put(value):
         value = np.asarray(value)
         sharding = batch_sharding(mesh, value.ndim)
         if jax.process_count() == 1:
-            out[key] = jax.device_put(value, sharding)
-        else:
-            out[key] = jax.make_array_from_process_local_data(sharding, value)
-    return out
+            return jax.device_put(value, sharding)
+        return jax.make_array_from_process_local_data(sharding, value)
+
+    return jax.tree.map(put, batch)
+
+
+def put_global(batch: Any, mesh: Mesh) -> Any:
+    """Places a batch that every process holds whole (e.g. the Embedder's): each process hands
+    over only the shards its devices own."""
+
+    def put(value):
+        value = np.asarray(value)
+        sharding = batch_sharding(mesh, value.ndim)
+        if jax.process_count() == 1:
+            return jax.device_put(value, sharding)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(put, batch)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -17,9 +17,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from unime_jax import losses, sharding
+from unime_jax import sharding
 from unime_jax.gradcache import gradcache_value_and_grad
-from unime_jax.models.mllm import last_token_pool
+from unime_jax.models import multimodal
 
 
 @flax.struct.dataclass
@@ -85,71 +85,31 @@ def init_state(
     return jax.jit(create, out_shardings=train_state_shardings(trainable, tx, mesh))(trainable)
 
 
-STAGE_SIDES = {1: ("text",), 2: ("query", "target")}
+LossFn = Callable[[dict[str, jax.Array], dict[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
 
 
-def make_loss_fn(cfg) -> Callable:
-    """``(embeddings, extras, step) -> (loss, metrics)`` for the configured stage.
+class TrainStep:
+    """``step(state, frozen, batch) -> (state, metrics)``: jitted with the shardings of the train
+    state and the frozen parameters, the train state donated, traced under the mesh (so the
+    model's activation sharding constraints apply). ``lower(...)`` lowers the very same function
+    for ahead-of-time compilation (e.g. for a TPU topology, see :mod:`unime_jax.aot`)."""
 
-    Stage 1: ``embeddings = (student,)`` and ``extras["teacher"]`` holds the precomputed teacher
-    vectors of the same rows; the loss is :func:`losses.similarity_kd`.
-
-    Stage 2: ``embeddings = (query, target)``. ``infonce_steps`` > 0 uses plain in-batch
-    InfoNCE for the first steps: a model trained from scratch (the offline demo) starts with
-    collapsed embeddings, where mined hard negatives only pull it further into collapse. UniME
-    itself starts from a pretrained MLLM (0 steps).
-    """
-    if cfg.stage == 1:
-
-        def distill(embs, extras, step):
-            del step
-            loss = losses.similarity_kd(
-                embs[0],
-                extras["teacher"],
-                temperature=cfg.kd_temperature,
-                direction=cfg.kd_direction,
-                keep_diagonal=cfg.kd_keep_diagonal,
-            )
-            return loss, {"kd_loss": loss}
-
-        return distill
-
-    if cfg.loss not in ("hard_negative", "infonce"):
-        raise ValueError(f"unknown loss {cfg.loss!r}; use hard_negative or infonce")
-
-    def contrastive(embs, extras, step):
-        del extras
-        q, t = embs
-        plain, plain_metrics = losses.infonce(
-            q, t, temperature=cfg.temperature, return_metrics=True
+    def __init__(self, fn: Callable, mesh: Mesh, in_shardings, out_shardings):
+        self.mesh = mesh
+        self.jitted = jax.jit(
+            fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=0
         )
-        if cfg.loss == "infonce":
-            return plain, plain_metrics
-        hard, metrics = losses.hard_negative_infonce(
-            q,
-            t,
-            temperature=cfg.temperature,
-            margin=cfg.margin if cfg.filter_false_negatives else None,
-            k=cfg.num_hard_negatives,
-            return_metrics=True,
-        )
-        if cfg.infonce_steps <= 0:
-            return hard, metrics
-        return jnp.where(step < cfg.infonce_steps, plain, hard), metrics | {
-            "hard_negative_loss": hard
-        }
 
-    return contrastive
+    def __call__(self, state, frozen, batch):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(state, frozen, batch)
 
+    def lower(self, state, frozen, batch):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(state, frozen, batch)
 
-def split_batch(batch: dict[str, jax.Array], sides: tuple[str, ...]) -> tuple[tuple, dict]:
-    """``{"query_input_ids": ..., "teacher": ...}`` -> (per-side model inputs, other arrays)."""
-    side_inputs = tuple(
-        {k[len(side) + 1 :]: v for k, v in batch.items() if k.startswith(side + "_")}
-        for side in sides
-    )
-    extras = {k: v for k, v in batch.items() if not k.startswith(tuple(s + "_" for s in sides))}
-    return side_inputs, extras
+    def _cache_size(self) -> int:
+        return self.jitted._cache_size()
 
 
 def make_train_step(
@@ -157,29 +117,29 @@ def make_train_step(
     tx: optax.GradientTransformation,
     cfg,
     mesh: Mesh,
+    loss_fn: LossFn,
+    sides: tuple[str, ...],
     trainable: nnx.State,
     frozen: nnx.State,
-) -> Callable:
-    """Returns ``step(state, frozen, batch) -> (state, metrics)``, jitted with the shardings of
-    ``trainable`` / ``frozen`` (concrete or abstract) and the train state donated. The batch
-    holds the model inputs of each side of ``STAGE_SIDES[cfg.stage]`` (``query_*`` and
-    ``target_*``, or ``text_*``) plus any extra arrays the loss reads (see :func:`split_batch`).
-    """
-    loss_fn = make_loss_fn(cfg)
+) -> TrainStep:
+    """The train step of a stage: GradCache over the ``sides`` of the nested batch
+    (``{side: ModelInputs, ...extras}``), ``loss_fn(embeddings, extras, step)``, AdamW with
+    clipping, non-finite steps skipped. ``trainable`` / ``frozen`` may be concrete or abstract
+    (only their shardings are read)."""
 
     def encode(trainable, frozen, inputs, key):
         model = nnx.merge(graphdef, trainable, frozen)
-        hidden = model(**inputs, dropout_key=key if cfg.lora_dropout > 0 else None)
-        return last_token_pool(hidden, inputs["attention_mask"])
+        return multimodal.encode(model, inputs, key if cfg.lora_dropout > 0 else None)
 
-    def step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array]):
+    def step(state: TrainState, frozen: nnx.State, batch: dict):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        side_inputs, extras = split_batch(batch, STAGE_SIDES[cfg.stage])
+        side_inputs = {side: batch[side] for side in sides}
+        extras = {k: v for k, v in batch.items() if k not in sides}
         (loss, aux), grads = gradcache_value_and_grad(
             lambda p, x, k: encode(p, frozen, x, k),
-            lambda *embs: loss_fn(embs, extras, state.step),
+            lambda embs: loss_fn(embs, extras, state.step),
             state.trainable,
-            *side_inputs,
+            side_inputs,
             num_chunks=cfg.num_chunks,
             key=key,
         )
@@ -199,9 +159,5 @@ def make_train_step(
         return new_state, metrics
 
     state_sh = train_state_shardings(trainable, tx, mesh)
-    return jax.jit(
-        step,
-        in_shardings=(state_sh, sharding.state_shardings(frozen, mesh), None),
-        out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
-        donate_argnums=0,
-    )
+    in_shardings = (state_sh, sharding.state_shardings(frozen, mesh), None)
+    return TrainStep(step, mesh, in_shardings, (state_sh, NamedSharding(mesh, PartitionSpec())))

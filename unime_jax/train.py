@@ -1,10 +1,9 @@
-"""The training loop of both stages, top to bottom: mesh, model, LoRA, state, data, checkpoints,
-metrics, evals, and (stage 1) the merged checkpoint that stage 2 starts from.
+"""The training loop, top to bottom: mesh, model, LoRA, state, data, checkpoints, metrics, evals,
+and the merged checkpoint at the end. What a stage brings (data, sides, loss, held-out metrics)
+comes from its :class:`~unime_jax.stages.base.Stage` object; there are no stage branches here.
 
-The stages differ only in their data, loss and evaluation (``cfg.stage``: 1 = textual
-distillation, see :mod:`unime_jax.stage1`; 2 = hard-negative contrastive tuning). Rerunning
-the same command resumes from the last checkpoint in ``workdir/checkpoints`` with the exact data
-position; SIGTERM saves and exits cleanly.
+Rerunning the same command resumes from the last checkpoint in ``workdir/checkpoints`` with the
+exact data position; SIGTERM saves and exits cleanly.
 """
 
 from __future__ import annotations
@@ -17,165 +16,168 @@ import time
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from unime_jax import checkpoint, demo, sharding, stage1, steps
-from unime_jax.data import shapes
-from unime_jax.data.pipeline import PairTransform, make_batch_iterator
+from unime_jax import checkpoint, inference, sharding, stages, steps
+from unime_jax.data.pipeline import BatchCollator, make_batch_iterator
 from unime_jax.embedder import Embedder
-from unime_jax.metrics import MetricWriter
-from unime_jax.models.lora import LLM_TARGETS, VISION_ATTENTION_TARGETS, apply_lora
-from unime_jax.models.mllm import LlavaModel
-from unime_jax.models.runtime import EmbeddingModel
-from unime_jax.processing import Processor
-from unime_jax.weights import export, loader
+from unime_jax.errors import UsageError
+from unime_jax.export import hf as export_hf
+from unime_jax.files import atomic_write_json
+from unime_jax.models import attention
+from unime_jax.models.config import PARAM_DTYPES
+from unime_jax.models.layers import REMAT_POLICIES
+from unime_jax.models.lora import apply_lora
+from unime_jax.stages.base import Stage
+from unime_jax.train_log import MetricWriter
+from unime_jax.weights import hub
 
 log = logging.getLogger(__name__)
 
-LORA_TARGETS = {"llm": LLM_TARGETS, "vision_attention": VISION_ATTENTION_TARGETS}
+
+def _check(ok: bool, key: str, value, need: str) -> None:
+    if not ok:
+        raise UsageError(f"--config.{key}={value!r} is out of range", f"it must be {need}")
 
 
-class ConfigError(ValueError):
-    """A config that cannot run; raised before anything is compiled."""
-
-
-def validate(cfg, mesh) -> None:
+def validate(cfg, mesh, stage: Stage) -> None:
+    """Every value the loop reads, checked before anything is built or compiled."""
+    positive = ("batch_size", "lr", "log_every", "checkpoint_every", "keep_checkpoints")
+    for key in positive:
+        _check(cfg[key] > 0, key, cfg[key], "> 0")
+    non_negative = (
+        "num_steps",
+        "warmup_steps",
+        "num_chunks",
+        "weight_decay",
+        "grad_clip",
+        "lora_rank",
+        "seed",
+        "worker_count",
+        "demo_train_rows",
+        "demo_eval_size",
+    )
+    for key in non_negative:
+        _check(cfg[key] >= 0, key, cfg[key], ">= 0")
+    for key in ("adam_b1", "adam_b2", "lora_dropout"):
+        _check(0 <= cfg[key] < 1, key, cfg[key], "in [0, 1)")
+    _check(cfg.adam_eps > 0, "adam_eps", cfg.adam_eps, "> 0")
+    _check(cfg.lora_rank == 0 or cfg.lora_alpha > 0, "lora_alpha", cfg.lora_alpha, "> 0")
+    _check(cfg.dtype in PARAM_DTYPES, "dtype", cfg.dtype, f"one of {sorted(PARAM_DTYPES)}")
+    remat = str(cfg.remat).lower() if isinstance(cfg.remat, bool) else cfg.remat
+    ok = isinstance(cfg.remat, bool) or remat in REMAT_POLICIES
+    _check(ok, "remat", cfg.remat, f"one of {sorted(REMAT_POLICIES)} (or true/false)")
+    impls = attention.IMPLEMENTATIONS
+    _check(cfg.attention in impls, "attention", cfg.attention, f"one of {impls}")
+    for side, length in stage.lengths(cfg).items():
+        _check(length > 0, f"{side} length", length, "> 0")
     dp = sharding.data_parallel_size(mesh)
-    if cfg.batch_size % cfg.num_chunks:
-        raise ConfigError(
-            f"batch_size {cfg.batch_size} is not divisible by num_chunks {cfg.num_chunks}"
+    chunks = num_chunks(cfg, dp)
+    if cfg.batch_size % chunks:
+        raise UsageError(
+            f"batch_size {cfg.batch_size} is not divisible by num_chunks {chunks}",
+            "change batch_size or num_chunks (0 chooses it from chunk_rows and the mesh)",
         )
-    chunk = cfg.batch_size // cfg.num_chunks
-    if chunk % dp:
-        raise ConfigError(
-            f"each GradCache chunk ({cfg.batch_size}/{cfg.num_chunks} = {chunk} rows) must split over "
-            f"the {dp} data-parallel devices; change batch_size, num_chunks or the mesh"
+    if (cfg.batch_size // chunks) % dp:
+        raise UsageError(
+            f"each GradCache chunk ({cfg.batch_size}/{chunks} = {cfg.batch_size // chunks} rows) "
+            f"must split over the {dp} data-parallel devices",
+            "change batch_size, num_chunks or the mesh (num_chunks=0 picks a valid count)",
         )
     if cfg.num_steps and cfg.warmup_steps > cfg.num_steps:
-        raise ConfigError(f"warmup_steps {cfg.warmup_steps} exceeds num_steps {cfg.num_steps}")
-    if not cfg.model:
-        raise ConfigError(
-            "set --config.model to an HF checkpoint directory (or use the :demo preset)"
+        raise UsageError(
+            f"warmup_steps {cfg.warmup_steps} exceeds num_steps {cfg.num_steps}",
+            "lower --config.warmup_steps",
         )
-    if cfg.stage == 1:
-        if cfg.corpus != "demo":
-            for field in ("corpus", "teacher_dir"):
-                if not cfg[field] or not os.path.exists(cfg[field]):
-                    raise ConfigError(
-                        f"--config.{field}={cfg[field]!r} does not exist; stage 1 needs the "
-                        "corpus and its teacher embeddings from `python -m unime_jax.teacher "
-                        "--corpus CORPUS --out TEACHER_DIR`"
-                    )
-        if not cfg.num_steps and cfg.num_epochs <= 0:
-            raise ConfigError("set num_steps or num_epochs (> 0)")
-    elif cfg.stage == 2:
-        if cfg.train_data != "demo" and (not cfg.train_data or not os.path.isdir(cfg.train_data)):
-            raise ConfigError(
-                f"--config.train_data={cfg.train_data!r} is not a directory; convert MMEB-train with "
-                "`python -m unime_jax.data.mmeb --input ... --image-root ... --out DIR`"
-            )
-    else:
-        raise ConfigError(f"stage must be 1 or 2, got {cfg.stage}")
+    if not cfg.model:
+        raise UsageError(
+            "no model given", "set --config.model to an HF checkpoint directory (or use :demo)"
+        )
+    stage.validate(cfg)
 
 
-def lora_targets(spec: str) -> list[str]:
-    out = []
-    for name in filter(None, (s.strip() for s in spec.split(","))):
-        out += LORA_TARGETS.get(name, [name])
-    return out
+def num_chunks(cfg, data_parallel: int) -> int:
+    """``cfg.num_chunks``, or (0) as many chunks as keep ``chunk_rows`` rows per device each."""
+    if cfg.num_chunks:
+        return cfg.num_chunks
+    per_chunk = data_parallel * max(cfg.get("chunk_rows", 1), 1)
+    if cfg.batch_size % per_chunk:
+        raise UsageError(
+            f"batch_size {cfg.batch_size} does not split into chunks of {cfg.chunk_rows} rows on "
+            f"each of {data_parallel} data-parallel devices",
+            "choose a batch_size that is a multiple of chunk_rows x data-parallel devices",
+        )
+    return cfg.batch_size // per_chunk
 
 
-def base_checkpoint(cfg, workdir: str) -> str:
-    """The HF directory the model loads from; "demo" materialises the seeded demo model."""
+def resolve_model(cfg, workdir: str) -> str:
+    """The HF directory the model loads from; ``demo`` materialises the seeded demo model."""
     if cfg.model == "demo":
-        return str(demo.base_checkpoint(os.path.join(workdir, "demo_base"), seed=cfg.seed))
-    return str(loader.resolve_checkpoint(cfg.model))
+        from unime_jax.demo.model import base_checkpoint
+
+        return str(base_checkpoint(os.path.join(workdir, "demo_base"), seed=cfg.seed))
+    return str(hub.resolve_checkpoint(cfg.model))
 
 
-def build_model(cfg, mesh, directory: str) -> tuple[LlavaModel, Processor, int]:
-    """The model (loaded straight into its shardings), its processor, and the device tile count.
-
-    Stage 1 builds the LLM only: the vision tower and projector are never loaded.
-    """
-    config = loader.parse_config(directory)
-    if cfg.stage == 1:
-        config = config.text_only()
-    graphdef, state = loader.load_state(
-        directory, config, mesh, loader.DTYPES[cfg.dtype], remat=cfg.remat
-    )
-    max_tiles = 0 if cfg.stage == 1 else (cfg.max_tiles or config.anyres.max_tiles)
-    return nnx.merge(graphdef, state), Processor.from_pretrained(directory, config), max_tiles
-
-
-def make_data(cfg, processor: Processor, max_tiles: int):
-    """Stage-2 pairs: the demo world's or converted MMEB-train rows."""
-    if cfg.train_data == "demo":
-        source = shapes.training_rows(cfg.seed, cfg.demo_train_rows, image_size=demo.IMAGE_SIZE)
-    else:
-        from unime_jax.data.mmeb import open_dataset
-
-        source = open_dataset(cfg.train_data, image_root=cfg.image_root or None)
-    transform = PairTransform(
+def make_data(cfg, stage: Stage, processor, mesh, source=None):
+    """The host-local batch iterator of ``stage``, packed for ``cfg.num_chunks`` chunks."""
+    source = stage.source(cfg) if source is None else source
+    local_dp = sharding.data_parallel_size(mesh) // jax.process_count()
+    collator = BatchCollator(
         processor,
-        max_tiles=max_tiles,
-        query_length=cfg.query_length,
-        target_length=cfg.target_length,
+        stage.lengths(cfg),
+        data_parallel=max(local_dp, 1),
+        num_chunks=cfg.num_chunks,
+        unit_budget=cfg.get("tile_budget", 0) or None,
+        length_buckets=cfg.length_buckets,
     )
     return make_batch_iterator(
         source,
-        transform,
+        stage.transform(cfg, processor),
+        collator,
         global_batch_size=cfg.batch_size,
         seed=cfg.seed,
+        reasons=stage.skip_reasons,
         worker_count=cfg.worker_count,
     )
-
-
-def resolve_stage1(cfg, workdir: str):
-    """Stage 1's demo files and epoch-based step count, filled into a copy of ``cfg``."""
-    cfg = cfg.copy_and_resolve_references()
-    if cfg.corpus == "demo":
-        cfg.update(stage1.prepare_demo(cfg, workdir))
-    return cfg
-
-
-def embedder_for(graphdef, trainable, frozen, config, processor, mesh, max_tiles) -> Embedder:
-    """An Embedder over the current parameters (for in-training evaluation)."""
-    graphdef_all, state = nnx.split(nnx.merge(graphdef, trainable, frozen))
-    model = EmbeddingModel(config, graphdef_all, state, mesh, max_tiles)
-    return Embedder(model, processor, batch_size=64, progress=False)
 
 
 def run(cfg, workdir: str) -> dict:
     """Trains per ``cfg`` in ``workdir`` (resuming if it holds checkpoints); returns results."""
     os.makedirs(workdir, exist_ok=True)
+    stage = stages.get(cfg.stage)
     mesh = sharding.make_mesh(dict(cfg.mesh))
-    validate(cfg, mesh)
+    cfg = stage.prepare(cfg, workdir).copy_and_resolve_references()
+    validate(cfg, mesh, stage)
+    cfg.num_chunks = num_chunks(cfg, sharding.data_parallel_size(mesh))
     lead = jax.process_index() == 0  # one host writes metrics and results
-    if cfg.stage == 1:
-        cfg = resolve_stage1(cfg, workdir)
 
-    directory = base_checkpoint(cfg, workdir)
-    module, processor, max_tiles = build_model(cfg, mesh, directory)
-    eval_set = None
-    if cfg.stage == 1:
-        data, source = stage1.make_data(cfg, processor)
-        eval_set = stage1.open_eval_set(cfg)
-        if not cfg.num_steps:
-            cfg.num_steps = cfg.num_epochs * len(source) // cfg.batch_size
-            log.info(
-                "%d epochs of %d sentences = %d steps", cfg.num_epochs, len(source), cfg.num_steps
-            )
-            validate(cfg, mesh)
-    else:
-        data = make_data(cfg, processor, max_tiles)
+    directory = resolve_model(cfg, workdir)
+    family, _, module, processor = inference.build_model(
+        directory,
+        mesh,
+        dtype=cfg.dtype,
+        text_only=stage.text_only,
+        remat=cfg.remat,
+        attention=cfg.attention,
+    )
+    source = stage.source(cfg)
+    cfg.num_steps = stage.num_steps(cfg, len(source))
+    validate(cfg, mesh, stage)
+    data = make_data(cfg, stage, processor, mesh, source)
     if lead:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=1))
+        atomic_write_json(
+            os.path.join(workdir, "config.json"), json.loads(cfg.to_json_best_effort())
+        )
 
     if cfg.lora_rank > 0:
+        targets = []
+        for name in filter(None, (s.strip() for s in cfg.lora_targets.split(","))):
+            targets += family.lora_targets.get(name, [name])  # a group name or a regex
         apply_lora(
             module,
-            lora_targets(cfg.lora_targets),
+            targets,
             rank=cfg.lora_rank,
             alpha=cfg.lora_alpha,
             dropout=cfg.lora_dropout,
@@ -185,15 +187,16 @@ def run(cfg, workdir: str) -> dict:
     graphdef, trainable, frozen = nnx.split(module, trainable_filter, ...)
     trainable = jax.device_put(trainable, sharding.state_shardings(trainable, mesh))
     frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh))
-    n_train = sum(x.size for x in jax.tree.leaves(trainable))
     log.info(
         "trainable parameters: %s; frozen: %s",
-        f"{n_train:,}",
+        f"{sum(x.size for x in jax.tree.leaves(trainable)):,}",
         f"{sum(x.size for x in jax.tree.leaves(frozen)):,}",
     )
 
     tx = steps.make_optimizer(cfg)
-    train_step = steps.make_train_step(graphdef, tx, cfg, mesh, trainable, frozen)
+    train_step = steps.make_train_step(
+        graphdef, tx, cfg, mesh, stage.loss_fn(cfg), stage.sides, trainable, frozen
+    )
     state = steps.init_state(trainable, tx, cfg.seed, mesh)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
     start = ckpt.latest_step() or 0
@@ -205,18 +208,14 @@ def run(cfg, workdir: str) -> dict:
         data.set_state(data_state)
         log.info("resumed from step %d", start)
 
+    held_out = stage.evaluator(cfg)
+
     def evaluate(trainable) -> dict | None:
-        """Held-out metrics: teacher agreement (stage 1) or the demo world's (stage 2)."""
-        if cfg.stage == 1 and eval_set is None:
+        if held_out is None:
             return None
-        if cfg.stage == 2 and (cfg.train_data != "demo" or cfg.demo_eval_size <= 0):
-            return None
-        embedder = embedder_for(graphdef, trainable, frozen, module.cfg, processor, mesh, max_tiles)
-        if cfg.stage == 1:
-            return stage1.teacher_agreement(
-                embedder, eval_set, max_sentence_tokens=cfg.max_sentence_tokens, cfg=cfg
-            )
-        return demo.evaluate(embedder, n=cfg.demo_eval_size)
+        model = nnx.merge(graphdef, trainable, frozen)
+        embedder = inference.EmbeddingModel.from_module(model, family, processor, mesh)
+        return held_out(Embedder(embedder, batch_size=64, progress=False))
 
     results_path = os.path.join(workdir, "results.json")
     results = {}
@@ -225,7 +224,7 @@ def run(cfg, workdir: str) -> dict:
             results = json.load(f)
     if "before" not in results and (before := evaluate(state.trainable)) is not None:
         results["before"] = before
-        _write_json(results_path, results)
+        _write_results(results_path, results)
 
     writer = MetricWriter(workdir, enabled=lead)
     preempt = checkpoint.PreemptionFlag()
@@ -236,6 +235,7 @@ def run(cfg, workdir: str) -> dict:
         unit="step",
         dynamic_ncols=True,
     )
+    schedule = steps.make_schedule(cfg.lr, cfg.warmup_steps, cfg.num_steps)
     t0, examples = time.perf_counter(), 0
     step, pending = start, None
     try:
@@ -251,9 +251,8 @@ def run(cfg, workdir: str) -> dict:
             if step % cfg.log_every == 0 or step == cfg.num_steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - t0
-                lr = steps.make_schedule(cfg.lr, cfg.warmup_steps, cfg.num_steps)(step - 1)
-                metrics |= {"lr": float(lr), "examples_per_s": examples / elapsed} | data.metrics()
-                writer.write(step, metrics)
+                metrics |= {"lr": float(schedule(step - 1)), "examples_per_s": examples / elapsed}
+                writer.write(step, metrics | data.metrics())
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.2f}")
                 t0, examples = time.perf_counter(), 0
             if step % cfg.checkpoint_every == 0 or step == cfg.num_steps or preempt.requested:
@@ -275,43 +274,33 @@ def run(cfg, workdir: str) -> dict:
         results["after"] = after
         print(format_results(results))
     if cfg.export_merged and step == cfg.num_steps:
-        results["merged"] = export_merged(graphdef, state.trainable, frozen, directory, workdir)
-        follow_up = "start stage 2 with" if cfg.stage == 1 else "evaluate or embed with"
-        log.info(
-            "merged model written to %s; %s --config.model=%s",
-            results["merged"],
-            follow_up,
-            results["merged"],
+        out = os.path.join(workdir, "merged")  # export_hf folds the adapters in (on a copy)
+        merged = nnx.merge(graphdef, state.trainable, frozen)
+        results["merged"] = str(
+            export_hf.export_hf(merged, out, base_dir=directory, overwrite=True)
         )
-    _write_json(results_path, results)
-    _write_json(
-        os.path.join(workdir, "final_state_digest.json"),
-        {"step": step, "digest": state_digest(state.trainable)},
-    )
+        log.info("merged model written to %s; use it with --config.model=%s", out, out)
+    _write_results(results_path, results)
+    digest = {"step": step, "digest": state_digest(state.trainable)}
+    _write_results(os.path.join(workdir, "final_state_digest.json"), digest)
     return results
 
 
-def export_merged(graphdef, trainable, frozen, base_dir: str, workdir: str) -> str:
-    """The trained model as a full HF checkpoint, LoRA folded in. For stage 1 this is the hand-over
-    to stage 2: the LLM's adapters merged, the vision tower and projector the base's, untouched.
-    For stage 2 it is the final embedding model (Embedder, the eval CLI and transformers load it)."""
-    out = os.path.join(workdir, "merged")  # export_hf folds the adapters in (on a copy)
-    export.export_hf(nnx.merge(graphdef, trainable, frozen), out, base_dir=base_dir, overwrite=True)
-    return out
-
-
 def state_digest(tree) -> float:
-    """A float fingerprint of a parameter tree (used to compare resumed and uninterrupted runs)."""
-    return float(sum(np.sum(np.abs(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree)))
+    """A float fingerprint of a parameter tree (compares resumed and uninterrupted runs); every
+    process of a multi-host run calls it (sharded leaves are gathered)."""
+
+    def host(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            x = multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(x, np.float64)
+
+    return float(sum(np.sum(np.abs(host(x))) for x in jax.tree.leaves(tree)))
 
 
-def _write_json(path: str, obj) -> None:
-    if jax.process_index() != 0:
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+def _write_results(path: str, obj) -> None:
+    if jax.process_index() == 0:
+        atomic_write_json(path, obj)
 
 
 def format_results(results: dict) -> str:

@@ -1,19 +1,11 @@
-"""Training rows → fixed-shape host batches, with grain: stage-2 (query, target) pairs here,
-stage-1 sentences via :class:`unime_jax.data.sentences.SentenceTransform` (same iterator).
+"""Training rows → packed host batches, with grain: the same iterator for every stage.
 
-Records come from :func:`unime_jax.data.mmeb.open_dataset` or any in-memory sequence of dicts
-with ``qry`` / ``qry_image`` / ``pos_text`` / ``pos_image`` (the converter's ``*_image_path``
-keys are accepted too; an image is a path, a PIL image or ``None``). :class:`PairTransform`
-turns one record into numpy arrays of one fixed shape per side::
-
-    {query,target}_input_ids       (L,)                 int32
-    {query,target}_attention_mask  (L,)                 int32
-    {query,target}_pixel_values    (max_tiles, C, H, W) float32   zeros without an image
-    {query,target}_image_index     (L, taps)            int32     per-token tile-feature gather
-    {query,target}_image_weight    (L, taps)            float32   (see models.runtime)
-
-with L = ``query_length`` / ``target_length``. Dropping the prefix gives exactly the batch
-``EmbeddingModel.run`` takes.
+A stage supplies a *transform* (one record → ``{side: Example, ...extra arrays}``, or a skip
+marker for a bad row) and the pipeline collates global batches with :class:`BatchCollator`: each
+side's examples become one :class:`~unime_jax.models.inputs.ModelInputs` (padded to the side's
+length, image units packed per group of rows), extra arrays (e.g. stage 1's ``teacher``) are
+stacked. The batch is a nested pytree ``{"query": ModelInputs, "target": ModelInputs}`` or
+``{"text": ModelInputs, "teacher": array}`` from here to the loss.
 
 The pipeline (:func:`make_batch_iterator`) is grain's dataset API::
 
@@ -24,10 +16,10 @@ The pipeline (:func:`make_batch_iterator`) is grain's dataset API::
       [: whole global batches]          finite epochs only
       [process_index::process_count]    per-host strided shard of the global stream
       .to_iter_dataset()
-      .map(PairTransform)               tokenise, load + tile images (in workers if any)
+      .map(transform)                   tokenise, load + tile images (in workers if any)
       .mp_prefetch(worker_count)        optional worker processes
       .filter(skip bad rows)            in the main process: counts and logs every skip
-      .batch(global_batch_size // process_count, drop_remainder=True)
+      .batch(global_batch_size // process_count, batch_fn=collator)
 
 Why this construction rather than ``grain.DataLoader``: every stage is random access until the
 per-example map, so the iterator state is tiny and JSON-serialisable (an index per worker plus
@@ -35,26 +27,14 @@ the skip counts) and restores exactly; the host shard is a stride over the *glob
 stream, so step ``s`` of all hosts together sees global stream positions ``[s*B, (s+1)*B)``
 — the same rows as a one-host run (absent skipped rows) and disjoint across hosts; and filter +
 batch run after ``mp_prefetch`` in the main process, so the batches do not depend on the number
-of worker processes (grain interleaves worker outputs in stream order) and skip counts are
-complete even with workers. ``DataLoader`` batches inside its workers, which makes batches
-depend on ``worker_count`` and leaves filter counts in the workers.
+of worker processes and skip counts are complete even with workers.
 
 Bad rows at training time (an image deleted or corrupted after conversion, a text that does not
-fit its fixed length — it is never truncated, truncation would cut image tokens) are skipped,
-never silently: :class:`PairTransform` returns a small marker instead of arrays, and the filter
-logs a warning with the row id (``dataset/row`` for converted data, else ``#index``) and counts
-it per reason. Read counts with ``iterator.skipped`` (or ``iterator.metrics()``); they are part
-of the iterator state, so they survive a checkpoint restore. If you run ``PairTransform`` in
-your own pipeline, its markers must be filtered in the process that owns the counts.
-
-Iterator state: ``{"pipeline": <grain's state>, "skipped": {reason: count}}``, plain JSON. Without
-workers grain's state is the next stream index; with workers it is one index per worker plus
-the interleave position, so restore with the same ``worker_count`` (and the same source, seed,
-batch size and host count) as the run that saved it.
-
-Caveat: a skipped row is replaced by the host's next row, so with finite ``num_epochs`` hosts can
-end up with different numbers of batches; train for a fixed number of steps with
-``num_epochs=None`` (the default).
+fit its length — it is never truncated, truncation would cut image tokens) are skipped, never
+silently: the transform returns a marker, and the filter logs a warning with the row id and
+counts it per reason. The counts are part of the iterator state (they survive a restore).
+Iterator state: ``{"pipeline": <grain's state>, "skipped": {reason: count}}``; restore with the
+same ``worker_count``, source, seed, batch size and host count as the run that saved it.
 """
 
 from __future__ import annotations
@@ -62,136 +42,78 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
-from PIL import Image
 
-from unime_jax.models.runtime import image_inputs
-from unime_jax.processing import IMAGE_PLACEHOLDER, Processor, load_image
+from unime_jax.preprocess.example import Example
+from unime_jax.preprocess.processor import Processor
+from unime_jax.preprocess.text import LENGTH_BUCKETS, bucket_length
 
 log = logging.getLogger(__name__)
 
-SIDES = ("query", "target")
-FIELDS = ("input_ids", "attention_mask", "pixel_values", "image_index", "image_weight")
 SKIP_KEY = "_skip"
-REASONS = (
-    "empty_side",  # neither text nor image on one side
-    "placeholder_mismatch",  # <|image_1|> count does not match the image (or raw image tokens)
-    "missing_image",  # the image file is gone
-    "corrupt_image",  # the image file cannot be decoded
-    "too_long",  # the expanded sequence does not fit query_length / target_length
-    "too_many_tiles",  # the image needs more tiles than max_tiles
-)
 
 
-class SkipRow(Exception):
-    def __init__(self, reason: str, detail: str = ""):
-        assert reason in REASONS, reason
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+def skip(reason: str, row_id: str, detail: str) -> dict[str, str]:
+    """The marker a transform returns instead of a bad row's arrays."""
+    return {SKIP_KEY: reason, "id": row_id, "detail": detail}
 
 
-def _pick(record: Mapping[str, Any], *keys: str):
-    for key in keys:
-        if key in record:
-            return record[key]
-    return None
+def row_groups(rows: int, data_parallel: int, num_chunks: int) -> np.ndarray:
+    """The image group of each host row, laid out for GradCache's interleaved chunks.
+
+    Rows are split contiguously over the (host-local) data-parallel ranks, and chunk j takes
+    rows j, j + c, j + 2c, ... (see :mod:`unime_jax.gradcache`); the rows one rank holds for one
+    chunk form one group (group ``rank * c + j``), so after chunking every group's rows and
+    units sit on one device and the per-group gather stays local.
+    """
+    per_rank = rows // data_parallel
+    r = np.arange(rows)
+    return (r // per_rank) * num_chunks + r % num_chunks
 
 
-def normalize_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"qry", "qry_image", "pos_text", "pos_image", "id"}`` from either key convention."""
-    if "dataset" in record and "row" in record:
-        row_id = f"{record['dataset']}/{record['row']}"
-    elif "_index" in record:
-        row_id = f"#{record['_index']}"
-    else:
-        row_id = "?"
-    return {
-        "qry": record.get("qry") or "",
-        "qry_image": _pick(record, "qry_image", "qry_image_path") or None,
-        "pos_text": record.get("pos_text") or "",
-        "pos_image": _pick(record, "pos_image", "pos_image_path") or None,
-        "id": row_id,
-    }
+@dataclasses.dataclass
+class BatchCollator:
+    """A global batch of transformed elements → the nested batch (module doc).
 
+    ``lengths``: each side's token length (the longest allowed); with ``length_buckets`` a side
+    is padded only to the smallest bucket that holds its longest row in the batch. ``groups``
+    image groups per side (``data_parallel * num_chunks``), each with ``unit_budget`` units
+    (None: the power of two above the batch's largest need).
+    """
 
-def skip_marker(element: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The marker :class:`PairTransform` returns for a bad row, or ``None`` for an example."""
-    return element if SKIP_KEY in element else None
+    processor: Processor
+    lengths: Mapping[str, int]
+    data_parallel: int = 1
+    num_chunks: int = 1
+    unit_budget: int | None = None
+    length_buckets: bool = False
 
+    def side_length(self, side: str, examples: Sequence[Example]) -> int:
+        if not self.length_buckets:
+            return self.lengths[side]
+        buckets = [b for b in LENGTH_BUCKETS if b < self.lengths[side]] + [self.lengths[side]]
+        return bucket_length(max(len(e) for e in examples), buckets)
 
-class PairTransform(grain.transforms.Map):
-    """One record → the fixed-shape arrays of both sides (module doc), or a skip marker."""
-
-    def __init__(
-        self,
-        processor: Processor,
-        *,
-        max_tiles: int,
-        query_length: int,
-        target_length: int,
-        image_root: str | os.PathLike | None = None,
-    ):
-        self.processor = processor
-        self.max_tiles = max_tiles
-        self.lengths = {"query": query_length, "target": target_length}
-        self.image_root = image_root  # for relative image paths in in-memory records
-        vision = processor.config.vision
-        self._tile_shape = (
-            None if vision is None else (vision.num_channels, *[vision.image_size] * 2)
-        )
-
-    def encode(self, side: str, text: str, image) -> dict[str, np.ndarray]:
-        """One side → ``{field: array}`` without the batch axis; raises :class:`SkipRow`."""
-        p, length = self.processor, self.lengths[side]
-        if not text.strip() and image is None:
-            raise SkipRow("empty_side", side)
-        n = text.count(IMAGE_PLACEHOLDER)
-        if n > 1 or (n == 1) != (image is not None):
-            raise SkipRow("placeholder_mismatch", f"{side}: {n} placeholders")
-        if image is not None:
-            try:
-                image = load_image(
-                    image, None if isinstance(image, Image.Image) else self.image_root
+    def __call__(self, elements: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        groups = row_groups(len(elements), self.data_parallel, self.num_chunks)
+        for key, first in elements[0].items():
+            values = [e[key] for e in elements]
+            if isinstance(first, Example):
+                out[key] = self.processor.batch(
+                    values,
+                    length=self.side_length(key, values),
+                    groups=self.data_parallel * self.num_chunks,
+                    row_groups=groups,
+                    unit_budget=self.unit_budget,
                 )
-            except FileNotFoundError as e:
-                raise SkipRow("missing_image", str(e)) from e
-            except Exception as e:  # anything a broken file makes PIL raise
-                raise SkipRow("corrupt_image", str(e)) from e
-        try:
-            batch = p([p.instruction(text)], [image], max_length=length)
-        except ValueError as e:
-            reason = "too_long" if "longer than max_length" in str(e) else "placeholder_mismatch"
-            raise SkipRow(reason, f"{side}: {e}") from e
-        out = {k: batch[k][0] for k in ("input_ids", "attention_mask")}
-        if self._tile_shape is None:  # text-only model
-            return out
-        if image is None:  # zeros of the same shapes, so that every example stacks
-            pixels = np.zeros((1, 1, *self._tile_shape), np.float32)
-            sizes = np.zeros((1, 2), np.int64)
-        else:
-            pixels, sizes = batch["pixel_values"], batch["image_sizes"]
-        try:
-            extra = image_inputs(batch["input_ids"], pixels, sizes, p.config, self.max_tiles)
-        except ValueError as e:
-            raise SkipRow("too_many_tiles", f"{side}: {e}") from e
-        return out | {k: v[0] for k, v in extra.items()}
-
-    def map(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        r = normalize_record(record)
-        try:
-            query = self.encode("query", r["qry"], r["qry_image"])
-            target = self.encode("target", r["pos_text"], r["pos_image"])
-        except SkipRow as e:
-            return {SKIP_KEY: e.reason, "id": r["id"], "detail": e.detail}
-        return {f"query_{k}": v for k, v in query.items()} | {
-            f"target_{k}": v for k, v in target.items()
-        }
+            elif key != "id":
+                out[key] = np.stack(values)
+        return out
 
 
 class _DropBadRows(grain.transforms.Filter):
@@ -201,25 +123,26 @@ class _DropBadRows(grain.transforms.Filter):
         self.counts: collections.Counter[str] = collections.Counter()
 
     def filter(self, element: Mapping[str, Any]) -> bool:
-        marker = skip_marker(element)
-        if marker is None:
+        if SKIP_KEY not in element:
             return True
-        self.counts[marker[SKIP_KEY]] += 1
-        log.warning("skipping row %s (%s): %s", marker["id"], marker[SKIP_KEY], marker["detail"])
+        self.counts[element[SKIP_KEY]] += 1
+        log.warning("skipping row %s (%s): %s", element["id"], element[SKIP_KEY], element["detail"])
         return False
 
 
 class BatchIterator(grain.DatasetIterator):
-    """The host-local batch iterator. ``get_state()`` is a JSON-serialisable dict:
-    ``{"pipeline": <grain state>, "skipped": {reason: count}}``; ``set_state`` restores both, so a
-    resumed iterator yields exactly the batches an uninterrupted one would. Being a grain
-    ``DatasetIterator``, it also works with ``grain.checkpoint`` / orbax's grain handler."""
+    """The host-local batch iterator; ``get_state()`` is a JSON-serialisable dict
+    ``{"pipeline": <grain state>, "skipped": {reason: count}}`` and ``set_state`` restores both,
+    so a resumed iterator yields exactly the batches an uninterrupted one would."""
 
-    def __init__(self, parent: grain.DatasetIterator, dropper: _DropBadRows):
+    def __init__(
+        self, parent: grain.DatasetIterator, dropper: _DropBadRows, reasons: Sequence[str]
+    ):
         super().__init__(parent)
         self._dropper = dropper
+        self.reasons = tuple(reasons)
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> dict[str, Any]:
         return next(self._parent)
 
     @property
@@ -228,7 +151,7 @@ class BatchIterator(grain.DatasetIterator):
         return dict(sorted(self._dropper.counts.items()))
 
     def metrics(self, prefix: str = "data/skipped/") -> dict[str, int]:
-        return {f"{prefix}{r}": self._dropper.counts.get(r, 0) for r in REASONS} | {
+        return {f"{prefix}{r}": self._dropper.counts.get(r, 0) for r in self.reasons} | {
             f"{prefix}total": sum(self._dropper.counts.values())
         }
 
@@ -260,10 +183,12 @@ def _mark_flags_parsed() -> None:
 
 def make_batch_iterator(
     source: Sequence[Mapping[str, Any]],
-    transform: PairTransform,
+    transform: grain.transforms.Map,
+    collator: BatchCollator,
     *,
     global_batch_size: int,
     seed: int,
+    reasons: Sequence[str] = (),
     num_epochs: int | None = None,
     shuffle: bool = True,
     worker_count: int = 0,
@@ -271,8 +196,9 @@ def make_batch_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> BatchIterator:
-    """Host-local batches of ``global_batch_size // process_count`` examples (module doc).
+    """Host-local batches of ``global_batch_size // process_count`` rows (module doc).
 
+    ``reasons``: the skip reasons the transform can report (for zero-filled metrics);
     ``process_index`` / ``process_count`` default to JAX's; each host gets every
     ``process_count``-th row of the global shuffled stream (disjoint across hosts).
     """
@@ -307,5 +233,6 @@ def make_batch_iterator(
             )
         )
     dropper = _DropBadRows()
-    it = it.filter(dropper).batch(global_batch_size // process_count, drop_remainder=True)
-    return BatchIterator(iter(it), dropper)
+    batch = global_batch_size // process_count
+    it = it.filter(dropper).batch(batch, drop_remainder=True, batch_fn=collator)
+    return BatchIterator(iter(it), dropper, reasons)

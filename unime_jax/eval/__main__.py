@@ -68,39 +68,35 @@ def build_encoder(cfg, mesh) -> tuple[Any, dict]:
     the cache key): parameter bits for the in-memory demo model, file contents and stats for a
     checkpoint directory (see :mod:`unime_jax.eval.cache`), plus dtype, tiles and model code."""
     from unime_jax.embedder import Embedder
-    from unime_jax.weights.loader import DTYPES, resolve_checkpoint
-    from unime_jax.weights.safetensors_io import CheckpointError
+    from unime_jax.models.config import PARAM_DTYPES, param_dtype
+    from unime_jax.weights.hub import resolve_checkpoint
+    from unime_jax.weights.safetensors import CheckpointError
 
     if not cfg.model:
         raise EvalError("set --config.model to an HF checkpoint directory, or to demo")
-    if cfg.dtype not in DTYPES:
-        raise EvalError(f"--config.dtype={cfg.dtype!r}; use one of {sorted(DTYPES)}")
+    if cfg.dtype not in PARAM_DTYPES:
+        raise EvalError(f"--config.dtype={cfg.dtype!r}; use one of {sorted(PARAM_DTYPES)}")
     if cfg.model == "demo":
         import flax.nnx as nnx
-        import jax
 
-        from unime_jax import demo, sharding
-        from unime_jax.models.mllm import LlavaModel
-        from unime_jax.models.runtime import EmbeddingModel
+        from unime_jax.demo import model as demo_model
+        from unime_jax.inference import EmbeddingModel
 
-        config, processor = demo.build()
+        _, processor = demo_model.build()
         # Initialised as one compiled program (cached across runs by the compilation cache)
         # rather than op by op: seconds faster; the parameter digest keys the cache either way.
+        dtype = param_dtype(cfg.dtype)
         module = nnx.jit(
-            lambda: LlavaModel(config, rngs=nnx.Rngs(cfg.seed), dtype=DTYPES[cfg.dtype])
+            lambda: demo_model.FAMILY.build(processor.config, rngs=nnx.Rngs(cfg.seed), dtype=dtype)
         )()
-        graphdef, state = nnx.split(module)
-        state = jax.device_put(state, sharding.state_shardings(state, mesh))
-        max_tiles = cfg.max_tiles or config.anyres.max_tiles
-        model = EmbeddingModel(config, graphdef, state, mesh, max_tiles)
-        encoder = Embedder(model, processor, batch_size=cfg.batch_size, progress=False)
+        model = EmbeddingModel.from_module(module, demo_model.FAMILY, processor, mesh)
+        encoder = Embedder(model, batch_size=cfg.batch_size, progress=False)
         parts = {
             "model": f"demo (random init, seed {cfg.seed})",
             "kind": "demo",
-            "params": params_fingerprint(state),
+            "params": params_fingerprint(model.state),
             "processor": processor_fingerprint(processor),
             "dtype": cfg.dtype,
-            "max_tiles": max_tiles,
             "code": code_fingerprint(),
         }
         return encoder, parts
@@ -123,7 +119,6 @@ def checkpoint_encoder(directory: Path, cfg, mesh) -> tuple[Any, dict]:
             directory,
             mesh=mesh,
             dtype=cfg.dtype,
-            max_tiles=cfg.max_tiles or None,
             batch_size=cfg.batch_size,
             progress=False,
         ),
@@ -134,7 +129,6 @@ def checkpoint_encoder(directory: Path, cfg, mesh) -> tuple[Any, dict]:
         "kind": "checkpoint",
         "files": checkpoint_fingerprint(directory),
         "dtype": cfg.dtype,
-        "max_tiles": cfg.max_tiles,
         "code": code_fingerprint(),
     }
     return encoder, parts
@@ -144,7 +138,7 @@ def load_stage2_workdir(path: Path, cfg, mesh) -> tuple[Any, dict]:
     """Hook for a training run directory (``config.json`` + ``checkpoints/<step>``).
 
     A run that wrote ``<workdir>/merged`` (a full HF checkpoint, e.g. the end of stage 1, or
-    :func:`unime_jax.weights.export.export_hf`) is evaluated from it. Evaluating a run's latest
+    :func:`unime_jax.export.hf.export_hf`) is evaluated from it. Evaluating a run's latest
     Orbax checkpoint directly goes here, with the contract of :func:`build_encoder`: rebuild the
     run's model from its ``config.json`` (base checkpoint or demo, LoRA settings), restore the
     trainable parameters with :class:`unime_jax.checkpoint.Checkpointer`, wrap the merged model
@@ -158,7 +152,7 @@ def load_stage2_workdir(path: Path, cfg, mesh) -> tuple[Any, dict]:
     raise EvalError(
         f"--config.model={str(path)!r} is a training run directory without a merged checkpoint "
         "(merged/); evaluating its Orbax checkpoints directly is not supported yet. Export the "
-        "trained model with unime_jax.weights.export.export_hf and pass that directory; a demo "
+        "trained model with unime_jax.export.hf.export_hf and pass that directory; a demo "
         f"run's own held-out results are in {path / 'results.json'}."
     )
 

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
-import tempfile
 import time
 import uuid
 import warnings
@@ -32,6 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
+
+from unime_jax.files import atomic_write
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npz")
 STALE_TMP_SECONDS = 3600  # a temporary file this old belongs to a process that died
@@ -148,7 +148,7 @@ def processor_fingerprint(processor: Any) -> dict:
     tok = processor.tokenizer
     image_processor = getattr(processor, "image_processor", None)
     return {
-        "family": processor.config.family,
+        "family": processor.family,
         "image_token": processor.image_token,
         "tokenizer": [
             type(tok).__name__,
@@ -168,8 +168,10 @@ def code_fingerprint() -> str:
     files = sorted(
         [
             *root.glob("models/**/*.py"),
-            *(root / "weights" / f for f in ("loader.py", "name_maps.py", "safetensors_io.py")),
-            root / "processing.py",
+            *root.glob("preprocess/**/*.py"),
+            *root.glob("families/**/*.py"),
+            *(root / "weights" / f for f in ("loader.py", "rules.py", "safetensors.py", "hub.py")),
+            root / "inference.py",
             root / "embedder.py",
         ]
     )
@@ -181,22 +183,6 @@ def code_fingerprint() -> str:
 
 # ---------------------------------------------------------------------------------------------
 # the cache
-
-
-def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Writes ``path`` through ``write(file)`` into a temporary file beside it, fsyncs and
-    renames it into place: readers see the old file or the whole new one, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 class EmbeddingCache:
@@ -224,7 +210,7 @@ class EmbeddingCache:
             self.path.mkdir(parents=True, exist_ok=True)
             if meta is not None and not (self.path / "meta.json").exists():
                 text = json.dumps(dict(meta), indent=1, sort_keys=True, default=str)
-                atomic_write(self.path / "meta.json", lambda f: f.write(text.encode()))
+                atomic_write(self.path / "meta.json", text)
             self._remove_stale_tmp()
         for chunk in sorted(self.path.glob("chunk-*.npz")) if self.path.is_dir() else []:
             try:

@@ -1,5 +1,5 @@
 """Evaluation-set loaders: COCO / Flickr30K / long-caption retrieval and SugarCrepe (MMEB-eval:
-:mod:`unime_jax.eval.mmeb`), and the checking helpers they share.
+:mod:`unime_jax.eval.mmeb_eval`), and the checking helpers they share.
 
 Every loader validates all of its input before returning and reports problems in a
 :class:`DatasetError` whose message names the file, the offending entries (row numbers / ids,

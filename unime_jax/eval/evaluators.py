@@ -14,7 +14,7 @@ import numpy as np
 from unime_jax.eval import metrics
 from unime_jax.eval.cache import EmbeddingCache, with_cache
 from unime_jax.eval.datasets import RetrievalSet
-from unime_jax.eval.mmeb import (
+from unime_jax.eval.mmeb_eval import (
     MMEB_DATASETS,
     MMEB_META_TASKS,
     UNKNOWN,

@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from unime_jax.eval.cache import atomic_write
 from unime_jax.eval.metrics import SUGARCREPE_SPLITS
-from unime_jax.eval.mmeb import mmeb_meta_task, mmeb_split
+from unime_jax.eval.mmeb_eval import mmeb_meta_task, mmeb_split
+from unime_jax.files import atomic_write
 
 PAPER_MODELS = {
     "unime_ov7b": "UniME LLaVA-OneVision-7B",
@@ -209,7 +209,7 @@ def write(report: Mapping, directory: str | os.PathLike) -> tuple[str, str]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=1, default=str) + "\n"
-    atomic_write(directory / "report.json", lambda f: f.write(text.encode()))
+    atomic_write(directory / "report.json", text)
     md = markdown(report)
-    atomic_write(directory / "report.md", lambda f: f.write(md.encode()))
+    atomic_write(directory / "report.md", md)
     return str(directory / "report.json"), str(directory / "report.md")

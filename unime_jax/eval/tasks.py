@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from unime_jax.eval import datasets, evaluators, mmeb, plots
+from unime_jax.eval import datasets, evaluators, mmeb_eval, plots
 from unime_jax.eval.metrics import SUGARCREPE_SPLITS
 
 KINDS = ("retrieval", "long_caption", "sugarcrepe", "mmeb")
@@ -102,7 +102,7 @@ def load_task(name: str, sec) -> Task:
     if kind == "mmeb":
         source = _path(name, sec, "directory", "MMEB-eval files or their folder", is_dir=False)
         images = _path(name, sec, "images", "the root of the rows' image paths", is_dir=True)
-        data = mmeb.load_mmeb(source, images, max_rows=sec.max_rows or None)
+        data = mmeb_eval.load_mmeb(source, images, max_rows=sec.max_rows or None)
         return Task(name, sec, data, source)
     raise EvalError(f"--config.{name}.kind={kind!r}; use one of {KINDS}")
 

@@ -1,8 +1,8 @@
-"""Architecture descriptions, read from HF ``config.json`` dicts.
+"""Architecture descriptions shared by the families: the decoder LLM and the ViT tower.
 
-Each piece (vision tower, LLM, multimodal wrapper) has its own frozen dataclass so that new
-backbones (Qwen2-VL, Phi-3.5-V) can add a tower, a layout or an LLM variant without touching
-the others. Unsupported options fail here, before any weight is read.
+Each is a frozen dataclass read from an HF ``config.json`` sub-dict; families compose them (see
+:mod:`unime_jax.families`). Options this port cannot represent faithfully fail here, before any
+weight is read, with the key that is wrong.
 """
 
 from __future__ import annotations
@@ -10,15 +10,33 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from unime_jax.models.anyres import AnyResSpec
+from unime_jax.errors import DataError
 
 SUPPORTED_TEXT = ("qwen2", "mistral", "llama")
 SUPPORTED_VISION = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
-SUPPORTED_FAMILIES = ("llava_next", "llava_onevision")
 
 
-class ConfigError(ValueError):
+class ConfigError(DataError):
     """A config.json that this port cannot represent faithfully."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embeddings: plain 1-D RoPE (``kind="default"``); families add variants (M-RoPE)."""
+
+    theta: float = 10000.0
+    kind: str = "default"
+    mrope_section: tuple[int, ...] = ()  # M-RoPE: frequency slots of (t, h, w)
+
+    @classmethod
+    def from_hf(cls, c: dict[str, Any], allowed: tuple[str, ...] = ("default",)) -> RopeSpec:
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in allowed:
+            raise ConfigError(f"rope type {kind!r} is not supported here (supported: {allowed})")
+        theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
+        section = tuple(int(s) for s in rope.get("mrope_section", ()))
+        return cls(theta=theta, kind=kind, mrope_section=section)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +49,7 @@ class TextConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rope_theta: float
+    rope: RopeSpec
     rms_norm_eps: float
     qkv_bias: bool
     o_bias: bool = False
@@ -40,17 +58,12 @@ class TextConfig:
     hidden_act: str = "silu"
 
     @classmethod
-    def from_hf(cls, c: dict[str, Any]) -> TextConfig:
+    def from_hf(cls, c: dict[str, Any], rope_types: tuple[str, ...] = ("default",)) -> TextConfig:
         kind = c.get("model_type")
         if kind not in SUPPORTED_TEXT:
             raise ConfigError(
                 f"text model_type {kind!r} is not supported; use one of {SUPPORTED_TEXT}"
             )
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"rope type {rope_type!r} is not supported (only default RoPE)")
-        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
         heads = c["num_attention_heads"]
         window = c.get("sliding_window")
         if kind == "qwen2" and not c.get("use_sliding_window", False):
@@ -65,7 +78,7 @@ class TextConfig:
             num_heads=heads,
             num_kv_heads=c.get("num_key_value_heads") or heads,
             head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-            rope_theta=float(theta),
+            rope=RopeSpec.from_hf(c, rope_types),
             rms_norm_eps=c.get("rms_norm_eps", 1e-6),
             qkv_bias=kind == "qwen2" or attention_bias,
             o_bias=kind == "llama" and attention_bias,
@@ -89,8 +102,13 @@ class VisionConfig:
     num_channels: int = 3
 
     @property
+    def patches_per_side(self) -> int:
+        """The stride-p valid convolution floors: 384 // 14 = 27."""
+        return self.image_size // self.patch_size
+
+    @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return self.patches_per_side**2
 
     @classmethod
     def from_hf(cls, c: dict[str, Any]) -> VisionConfig:
@@ -106,67 +124,29 @@ class VisionConfig:
             intermediate_size=c["intermediate_size"],
             num_layers=c["num_hidden_layers"],
             num_heads=c["num_attention_heads"],
-            image_size=c["image_size"],
-            patch_size=c["patch_size"],
+            image_size=_square(c["image_size"], "image_size"),
+            patch_size=_square(c["patch_size"], "patch_size"),
             layer_norm_eps=c.get("layer_norm_eps", 1e-5 if kind == "clip" else 1e-6),
             hidden_act=c.get("hidden_act", "quick_gelu" if kind == "clip" else "gelu_pytorch_tanh"),
             num_channels=c.get("num_channels", 3),
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class LlavaConfig:
-    """A LLaVA-NeXT / LLaVA-OneVision model: vision tower -> projector -> AnyRes layout -> LLM."""
+def _square(value: Any, key: str) -> int:
+    if isinstance(value, list | tuple):
+        if len(set(value)) != 1:
+            raise ConfigError(f"non-square vision {key} {value} is not supported")
+        value = value[0]
+    return int(value)
 
-    family: str
-    text: TextConfig
-    vision: VisionConfig | None
-    image_token_id: int
-    feature_layer: int = -1
-    select_strategy: str = "full"  # "default" drops the class token
-    projector_act: str = "gelu"
-    projector_bias: bool = True
-    anyres: AnyResSpec | None = None
 
-    @property
-    def vision_layers_used(self) -> int:
-        """How many vision layers reach the selected features (hidden_states[feature_layer])."""
-        n = self.vision.num_layers
-        used = n + 1 + self.feature_layer if self.feature_layer < 0 else self.feature_layer
-        if not 0 < used <= n:
-            raise ConfigError(
-                f"vision_feature_layer {self.feature_layer} is out of range for {n} layers"
-            )
-        return used
+PARAM_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
-    def text_only(self) -> LlavaConfig:
-        """The same model without vision tower and projector (stage 1 trains only the LLM)."""
-        return dataclasses.replace(self, vision=None, anyres=None)
 
-    @classmethod
-    def from_hf(cls, c: dict[str, Any]) -> LlavaConfig:
-        family = c.get("model_type")
-        if family not in SUPPORTED_FAMILIES:
-            raise ConfigError(
-                f"model_type {family!r} is not supported; use one of {SUPPORTED_FAMILIES}"
-            )
-        layer = c.get("vision_feature_layer", -1)
-        if not isinstance(layer, int):
-            raise ConfigError(f"a list of vision_feature_layer values ({layer}) is not supported")
-        strategy = c.get("vision_feature_select_strategy", "default")
-        if strategy not in ("default", "full"):
-            raise ConfigError(f"vision_feature_select_strategy {strategy!r} is not supported")
-        token = c.get("image_token_id", c.get("image_token_index"))
-        if token is None:
-            raise ConfigError("config.json has neither image_token_id nor image_token_index")
-        return cls(
-            family=family,
-            text=TextConfig.from_hf(c["text_config"]),
-            vision=VisionConfig.from_hf(c["vision_config"]),
-            image_token_id=int(token),
-            feature_layer=layer,
-            select_strategy=strategy,
-            projector_act=c.get("projector_hidden_act", "gelu"),
-            projector_bias=c.get("multimodal_projector_bias", True),
-            anyres=AnyResSpec.from_hf_config(c),
-        )
+def param_dtype(name: str):
+    """The jnp dtype for a config/CLI dtype name (float32, fp32, bfloat16, bf16)."""
+    import jax.numpy as jnp
+
+    if name not in PARAM_DTYPES:
+        raise ConfigError(f"dtype {name!r} is not supported; use one of {sorted(PARAM_DTYPES)}")
+    return jnp.dtype(PARAM_DTYPES[name])

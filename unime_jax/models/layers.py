@@ -8,12 +8,13 @@ Weight layouts follow the ``x @ kernel`` convention: kernels are ``(in, out)``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from unime_jax.sharding import constrain
 
 Axes = tuple[str | None, ...]
 
@@ -66,14 +67,17 @@ class Linear(nnx.Module):
         y = x @ self.kernel[...].astype(x.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
-        if self.lora_a is not None:
-            h = x
-            if key is not None and self.lora_dropout > 0:
-                keep = jax.random.bernoulli(key, 1.0 - self.lora_dropout, h.shape)
-                h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(x.dtype)
-            low = h @ self.lora_a[...].astype(x.dtype)
-            y = y + (low @ self.lora_b[...].astype(x.dtype)) * self.lora_scale
-        return y
+        if self.lora_a is None:
+            return y
+        # The adapter runs on (rows, d): a skinny (d, r) matmul on a 3-D activation makes XLA
+        # transpose the (B, T, d) cotangent in the backward pass; flattened, it does not.
+        h = x.reshape(-1, x.shape[-1])
+        if key is not None and self.lora_dropout > 0:
+            keep = jax.random.bernoulli(key, 1.0 - self.lora_dropout, x.shape).reshape(h.shape)
+            h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(x.dtype)
+        low = h @ self.lora_a[...].astype(x.dtype)
+        delta = (low @ self.lora_b[...].astype(x.dtype)) * self.lora_scale
+        return y + delta.reshape(y.shape)
 
 
 def subkey(key: jax.Array | None, i: int) -> jax.Array | None:
@@ -126,42 +130,6 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin of rotary embeddings, (B, T, head_dim), in the HF "rotate_half" layout."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x: (B, T, H, hd); cos/sin: (B, T, hd)."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Softmax attention with grouped KV heads. q: (B,T,H,hd), k/v: (B,S,K,hd), mask: (B,T,S).
-
-    Logits and softmax run in fp32; rows with no visible key (padding queries) give zeros
-    instead of NaN.
-    """
-    b, t, h, hd = q.shape
-    groups = h // k.shape[2]
-    q = q.reshape(b, t, k.shape[2], groups, hd)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    logits = logits / math.sqrt(hd)
-    if mask is not None:
-        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    if mask is not None:
-        probs = jnp.where(mask[:, None, None], probs, 0.0)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
-    return out.reshape(b, t, h, hd)
-
-
 def stacked(num_layers: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
     """Creates ``num_layers`` copies of a layer with parameters stacked on a leading "layers" axis.
 
@@ -176,13 +144,41 @@ def stacked(num_layers: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.R
     return create(rngs)
 
 
+REMAT_POLICIES = {
+    "none": None,
+    # Keep only each layer's input: the backward pass recomputes the layer (least memory).
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Also keep the weight matmuls' outputs: less recompute, more memory.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep them in host memory instead of HBM (TPU/GPU with pinned host memory).
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+
+
+def remat_policy(name: str | bool) -> str:
+    """Normalises a config value: booleans mean "full" / "none"."""
+    if isinstance(name, bool):
+        return "full" if name else "none"
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; use one of {sorted(REMAT_POLICIES)}")
+    return name
+
+
 def scan_layers(
-    layers: nnx.Module, h: jax.Array, *args, key: jax.Array | None = None, remat: bool = False
+    layers: nnx.Module,
+    h: jax.Array,
+    *args,
+    key: jax.Array | None = None,
+    remat: str = "none",
+    carry_axes: tuple[str | None, ...] = ("batch", None, None),
 ) -> jax.Array:
     """Applies stacked layers in sequence with ``lax.scan`` (pure: split, then merge per step).
 
     Each layer is called as ``layer(h, *args, key=layer_key)``; with a ``key`` every layer gets
-    its own dropout key, without one no key is passed (deterministic forward).
+    its own dropout key, without one no key is passed (deterministic forward). The carry is
+    constrained to ``carry_axes`` (batch-sharded, model dimension whole): without it GSPMD may
+    shard activations like the FSDP weights, on the model dimension, and all-reduce them instead
+    of gathering each layer's weights. ``remat`` names a policy of :data:`REMAT_POLICIES`.
     """
     graphdef, state = nnx.split(layers)
     num_layers = jax.tree.leaves(state)[0].shape[0]
@@ -190,8 +186,10 @@ def scan_layers(
 
     def body(carry, xs):
         layer_state, layer_key = xs
+        carry = constrain(carry, *carry_axes)
         return nnx.merge(graphdef, layer_state)(carry, *args, key=layer_key), None
 
-    if remat:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    return jax.lax.scan(body, h, (state, keys))[0]
+    policy = REMAT_POLICIES[remat_policy(remat)]
+    if policy is not None:
+        body = jax.checkpoint(body, policy=policy)
+    return constrain(jax.lax.scan(body, h, (state, keys))[0], *carry_axes)

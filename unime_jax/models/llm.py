@@ -1,7 +1,8 @@
 """Decoder LLM of the Llama / Mistral / Qwen2 family, without LM head.
 
 An embedding model reads the final hidden states (after the final norm), so the vocabulary
-projection is never built. Layers are stacked and applied with ``lax.scan``.
+projection is never built. Layers are stacked and applied with ``lax.scan``; positions come from
+the host (1-D, or 3-D for M-RoPE), so one decoder serves every family.
 """
 
 from __future__ import annotations
@@ -10,55 +11,43 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unime_jax.models.attention import attention
 from unime_jax.models.config import TextConfig
-from unime_jax.models.layers import (
-    Linear,
-    RMSNorm,
-    activation,
-    apply_rope,
-    attention,
-    param,
-    rope_tables,
-    scan_layers,
-    stacked,
-    subkey,
-)
+from unime_jax.models.layers import Linear, RMSNorm, activation, param, scan_layers, stacked, subkey
+from unime_jax.models.rope import apply_rope, rope_tables
 
 
 class SelfAttention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        d, hd = cfg.hidden_size, cfg.head_dim
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, impl: str = "xla"):
+        d, hd, bias = cfg.hidden_size, cfg.head_dim, cfg.qkv_bias
+        kv = cfg.num_kv_heads * hd
         self.q_proj = Linear(
-            d, cfg.num_heads * hd, ("embed", "heads"), bias=cfg.qkv_bias, rngs=rngs, dtype=dtype
+            d, cfg.num_heads * hd, ("embed", "heads"), bias=bias, rngs=rngs, dtype=dtype
         )
-        self.k_proj = Linear(
-            d,
-            cfg.num_kv_heads * hd,
-            ("embed", "kv_heads"),
-            bias=cfg.qkv_bias,
-            rngs=rngs,
-            dtype=dtype,
-        )
-        self.v_proj = Linear(
-            d,
-            cfg.num_kv_heads * hd,
-            ("embed", "kv_heads"),
-            bias=cfg.qkv_bias,
-            rngs=rngs,
-            dtype=dtype,
-        )
+        self.k_proj = Linear(d, kv, ("embed", "kv_heads"), bias=bias, rngs=rngs, dtype=dtype)
+        self.v_proj = Linear(d, kv, ("embed", "kv_heads"), bias=bias, rngs=rngs, dtype=dtype)
         self.o_proj = Linear(
             cfg.num_heads * hd, d, ("heads", "embed"), bias=cfg.o_bias, rngs=rngs, dtype=dtype
         )
         self.cfg = cfg
+        self.impl = impl
 
-    def __call__(self, x, cos, sin, mask, key=None):
+    def __call__(self, x, cos, sin, segment_ids, key=None):
         b, t, _ = x.shape
         hd, heads, kv = self.cfg.head_dim, self.cfg.num_heads, self.cfg.num_kv_heads
         q = apply_rope(self.q_proj(x, subkey(key, 0)).reshape(b, t, heads, hd), cos, sin)
         k = apply_rope(self.k_proj(x, subkey(key, 1)).reshape(b, t, kv, hd), cos, sin)
         v = self.v_proj(x, subkey(key, 2)).reshape(b, t, kv, hd)
-        return self.o_proj(attention(q, k, v, mask).reshape(b, t, -1), subkey(key, 3))
+        out = attention(
+            q,
+            k,
+            v,
+            segment_ids=segment_ids,
+            causal=True,
+            window=self.cfg.sliding_window,
+            impl=self.impl,
+        )
+        return self.o_proj(out.reshape(b, t, -1), subkey(key, 3))
 
 
 class GatedMLP(nnx.Module):
@@ -77,40 +66,33 @@ class GatedMLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, impl: str = "xla"):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, dtype=dtype)
-        self.attn = SelfAttention(cfg, rngs=rngs, dtype=dtype)
+        self.attn = SelfAttention(cfg, rngs=rngs, dtype=dtype, impl=impl)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, dtype=dtype)
         self.mlp = GatedMLP(cfg, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x, cos, sin, mask, key=None):
-        x = x + self.attn(self.input_norm(x), cos, sin, mask, subkey(key, 0))
+    def __call__(self, x, cos, sin, segment_ids, key=None):
+        x = x + self.attn(self.input_norm(x), cos, sin, segment_ids, subkey(key, 0))
         return x + self.mlp(self.post_attn_norm(x), subkey(key, 1))
 
 
-def causal_padding_mask(attention_mask: jax.Array, sliding_window: int | None = None) -> jax.Array:
-    """(B, T, T) boolean: query t sees key s iff s <= t, s is not padding (and within the window)."""
-    t = attention_mask.shape[1]
-    q_idx, k_idx = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-    visible = k_idx <= q_idx
-    if sliding_window is not None:
-        visible &= k_idx > q_idx - sliding_window
-    return visible[None] & attention_mask.astype(bool)[:, None, :]
-
-
-def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
-    """Position ids that count only real tokens, so left and right padding give equal results."""
-    return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
-
-
 class DecoderLM(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, remat: bool = False):
+    def __init__(
+        self,
+        cfg: TextConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        remat: str = "none",
+        attention: str = "xla",
+    ):
         self.cfg = cfg
         self.embed_tokens = param(
             rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype=dtype
         )
         self.layers = stacked(
-            cfg.num_layers, lambda r: DecoderLayer(cfg, rngs=r, dtype=dtype), rngs
+            cfg.num_layers, lambda r: DecoderLayer(cfg, rngs=r, dtype=dtype, impl=attention), rngs
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, dtype=dtype)
         self.remat = remat
@@ -119,12 +101,16 @@ class DecoderLM(nnx.Module):
         return jnp.take(self.embed_tokens[...], input_ids, axis=0)
 
     def __call__(
-        self, inputs_embeds: jax.Array, attention_mask: jax.Array, key: jax.Array | None = None
+        self,
+        inputs_embeds: jax.Array,
+        attention_mask: jax.Array,
+        positions: jax.Array,
+        key: jax.Array | None = None,
     ) -> jax.Array:
         """Final hidden states after the final norm, (B, T, D); ``key`` drives LoRA dropout."""
-        cos, sin = rope_tables(
-            positions_from_mask(attention_mask), self.cfg.head_dim, self.cfg.rope_theta
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope)
+        segment_ids = attention_mask.astype(jnp.int32)  # 1 = token, 0 = padding
+        h = scan_layers(
+            self.layers, inputs_embeds, cos, sin, segment_ids, key=key, remat=self.remat
         )
-        mask = causal_padding_mask(attention_mask, self.cfg.sliding_window)
-        h = scan_layers(self.layers, inputs_embeds, cos, sin, mask, key=key, remat=self.remat)
         return self.norm(h)

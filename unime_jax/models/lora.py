@@ -1,7 +1,8 @@
 """LoRA: low-rank adapters on chosen :class:`~unime_jax.models.layers.Linear` layers.
 
 ``apply_lora`` attaches ``lora_a`` (in, r) and ``lora_b`` (r, out) as ``nnx.LoRAParam`` to every
-Linear whose module path matches one of the target regexes. For stacked (scanned) layers the
+Linear whose module path matches one of the target regexes (each family names its groups, e.g.
+``llm`` and ``vision_attention``; see :mod:`unime_jax.families`). For stacked (scanned) layers the
 adapters get the same leading "layers" axis as the kernel. ``B`` starts at zero, so the adapted
 model initially equals the base model exactly. Because they are ``LoRAParam`` variables,
 ``nnx.split(model, nnx.LoRAParam, ...)`` separates the trainable adapters from the frozen base,
@@ -22,11 +23,6 @@ from flax import nnx
 from unime_jax.models.layers import Linear
 
 log = logging.getLogger(__name__)
-
-# The LLM's attention and MLP projections (UniME stage 1 and 2).
-LLM_TARGETS = (r"^llm/layers/(attn/[qkvo]_proj|mlp/(gate|up|down)_proj)$",)
-# The vision tower's attention projections (UniME stage 2, VLM2Vec's default).
-VISION_ATTENTION_TARGETS = (r"^vision/layers/attn/(q|k|v|out)_proj$",)
 
 
 def linear_paths(model: nnx.Module) -> dict[str, Linear]:
@@ -103,8 +99,3 @@ def merge_lora(model: nnx.Module) -> list[str]:
         layer.lora_scale = layer.lora_dropout = 0.0
         merged.append(path)
     return sorted(merged)
-
-
-def lora_state(model: nnx.Module) -> nnx.State:
-    """Only the adapter parameters (what stage training updates and checkpoints)."""
-    return nnx.state(model, nnx.LoRAParam)

@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unime_jax.models.attention import reference_attention
 from unime_jax.models.config import VisionConfig
 from unime_jax.models.layers import (
     LayerNorm,
     Linear,
     activation,
-    attention,
     param,
     scan_layers,
     stacked,
@@ -40,7 +40,8 @@ class VisionAttention(nnx.Module):
         q = split(self.q_proj(x, subkey(key, 0)))
         k = split(self.k_proj(x, subkey(key, 1)))
         v = split(self.v_proj(x, subkey(key, 2)))
-        return self.out_proj(attention(q, k, v, None).reshape(n, t, d), subkey(key, 3))
+        # Tiles are short (577-729 tokens) and attend fully: the exact reference path suffices.
+        return self.out_proj(reference_attention(q, k, v, None).reshape(n, t, d), subkey(key, 3))
 
 
 class VisionMLP(nnx.Module):
@@ -70,7 +71,13 @@ class VisionTower(nnx.Module):
     """pixel tiles (N, C, H, W) -> features of the selected layer (N, tokens, D)."""
 
     def __init__(
-        self, cfg: VisionConfig, num_layers: int, *, rngs: nnx.Rngs, dtype=jnp.float32, remat=False
+        self,
+        cfg: VisionConfig,
+        num_layers: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        remat: str = "none",
     ):
         self.cfg = cfg
         d, p = cfg.hidden_size, cfg.patch_size

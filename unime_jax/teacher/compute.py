@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from unime_jax.files import atomic_write
 from unime_jax.teacher.corpus import _normalise_items, _validate_items, corpus_checksum
 from unime_jax.teacher.files import (
     _OUTPUT_FILES,
@@ -22,7 +23,6 @@ from unime_jax.teacher.files import (
     MANIFEST_FILE,
     PROGRESS_FILE,
     REPORT_FILE,
-    _atomic_write_text,
 )
 from unime_jax.teacher.models import DEFAULT_TEACHER, Teacher, _to_numpy, build_teacher
 from unime_jax.teacher.store import Manifest, _now, _write_progress, read_progress
@@ -146,7 +146,7 @@ def precompute(
             backend=str(getattr(tm, "backend", type(tm).__name__)),
             device=str(getattr(tm, "device", device or "")),
         )
-        _atomic_write_text(out / IDS_FILE, "".join(rid + "\n" for rid, _ in pairs))
+        atomic_write(out / IDS_FILE, "".join(rid + "\n" for rid, _ in pairs))
         if report is not None:
             report.save(out / REPORT_FILE)
         emb = np.lib.format.open_memmap(
@@ -222,7 +222,7 @@ def _fail_invalid(out, pairs, start, vecs, finite, invalid, name) -> None:
         )
         for i in np.flatnonzero(invalid)
     }
-    _atomic_write_text(
+    atomic_write(
         out / INVALID_FILE,
         json.dumps({"teacher": name, "rows": rows, "ids": ids, "kind": kinds}, indent=2) + "\n",
     )

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from unime_jax.teacher.files import _atomic_write_text
+from unime_jax.files import atomic_write
 
 CSV_COLUMNS = ("sent0", "sent1", "hard_neg")
 
@@ -40,7 +40,7 @@ class CorpusReport:
         return d
 
     def save(self, path: str | os.PathLike) -> None:
-        _atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     def summary(self) -> str:
         s = (

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from unime_jax.files import atomic_write
 from unime_jax.teacher.corpus import corpus_checksum
 from unime_jax.teacher.files import (
     EMBEDDINGS_FILE,
@@ -20,7 +21,6 @@ from unime_jax.teacher.files import (
     IDS_FILE,
     MANIFEST_FILE,
     PROGRESS_FILE,
-    _atomic_write_text,
 )
 
 # --------------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ class Manifest:
         return cls(**{k: v for k, v in d.items() if k in fields})
 
     def save(self, out_dir: str | os.PathLike) -> None:
-        _atomic_write_text(Path(out_dir) / MANIFEST_FILE, self.to_json())
+        atomic_write(Path(out_dir) / MANIFEST_FILE, self.to_json())
 
 
 def read_progress(out_dir: str | os.PathLike) -> int:
@@ -69,7 +69,7 @@ def read_progress(out_dir: str | os.PathLike) -> int:
 
 
 def _write_progress(out_dir: Path, rows_done: int, checksum: str) -> None:
-    _atomic_write_text(
+    atomic_write(
         out_dir / PROGRESS_FILE,
         json.dumps({"rows_done": rows_done, "corpus_sha256": checksum}) + "\n",
     )

@@ -1,0 +1,1 @@
+"""HF checkpoints <-> sharded parameters: safetensors I/O, strict name tables, loader, export."""

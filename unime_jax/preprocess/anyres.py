@@ -7,12 +7,13 @@ which is data-dependent control flow that XLA cannot compile into fixed shapes. 
 row is a fixed linear combination of at most four rows of the tile features (or the learned
 ``image_newline`` vector), so we compute that combination on the host, here, with numpy only:
 
-    packed[n] = sum_{j<4} weights[n, j] * feats_ext[indices[n, j]]
+    packed[n] = sum_{j<4} weights[n, j] * feats[indices[n, j]]
 
-``feats_ext`` is the device-side array of shape ``(max_tiles * P + 1, D)``: the vision tower +
-projector output of ``max_tiles`` tiles (tile 0 = base/global tile, tiles 1.. = grid tiles in the
-row-major order the HF image processor emits them), followed by ``image_newline`` as the last row.
-The device then only needs a gather and a weighted sum with static shapes.
+``feats`` are the vision tower + projector outputs of the image's tiles, ``P`` rows per tile
+(tile 0 = base/global tile, tiles 1.. = grid tiles in the row-major order the HF image processor
+emits them); index :data:`NEWLINE` is the ``image_newline`` row. :func:`unime_jax.preprocess.
+example.collate` shifts the indices into the packed pool of the image's group; the device then
+needs only a gather and a weighted sum with static shapes.
 
 Everything here replicates transformers 5.x exactly, including its quirks:
 
@@ -38,7 +39,8 @@ from typing import Any
 import numpy as np
 
 NEWLINE = -1
-"""Sentinel index in layouts meaning "the ``image_newline`` row" (see :func:`resolve_newline`)."""
+"""Index in layouts meaning "the ``image_newline`` row": the group's first special row (see
+:mod:`unime_jax.preprocess.example`)."""
 
 NUM_TAPS = 4
 """Taps per packed row: bilinear downsampling mixes at most 2x2 source rows."""
@@ -373,21 +375,3 @@ def num_image_tokens(image_size_hw: Any, spec: AnyResSpec, *, base_only: bool = 
     if out is not None:
         h, w = out
     return tile_p + h * (w + 1)
-
-
-def resolve_newline(indices: np.ndarray, max_tiles: int, spec: AnyResSpec) -> np.ndarray:
-    """Replace :data:`NEWLINE` by ``max_tiles * P``, the newline row appended after the features.
-
-    Returns a new int32 array (``indices`` is not modified).  Raises if the layout refers to a
-    tile beyond ``max_tiles``, which would otherwise silently read another row.
-    """
-    idx = np.asarray(indices)
-    newline_row = max_tiles * spec.patches_per_tile
-    if idx.size:
-        bad = (idx < 0) & (idx != NEWLINE)
-        if bad.any() or idx.max() >= newline_row:
-            raise ValueError(
-                f"layout indices out of range for max_tiles={max_tiles} "
-                f"(P={spec.patches_per_tile}): max index {int(idx.max())}"
-            )
-    return np.where(idx == NEWLINE, newline_row, idx).astype(np.int32)

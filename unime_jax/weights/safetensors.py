@@ -1,4 +1,4 @@
-"""A minimal, strict safetensors reader built on ``numpy.memmap``.
+"""A minimal, strict safetensors reader built on ``numpy.memmap``, and its writer.
 
 Why not ``safetensors.numpy``: it has no bfloat16 and reads whole tensors. Memory-mapping lets
 each host read only the slices its devices own, so a 7B checkpoint never sits unsharded in one
@@ -8,16 +8,20 @@ with the file and tensor it concerns.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-DTYPES = {
+from unime_jax.errors import DataError
+
+SAFETENSORS_DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
     "F16": np.float16,
@@ -34,7 +38,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DataError):
     """A checkpoint directory that cannot be read as it is; the message says what to fix."""
 
 
@@ -68,7 +72,7 @@ class SafetensorsFile:
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
             try:
-                dtype = DTYPES.get(entry.get("dtype"))
+                dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
                 begin, end = (int(x) for x in entry["data_offsets"])
                 shape = tuple(int(d) for d in entry["shape"])
             except (AttributeError, KeyError, TypeError, ValueError) as e:
@@ -170,3 +174,74 @@ class CheckpointReader:
 
     def get(self, name: str) -> np.ndarray:
         return self._where[name].get(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """One tensor to write: final name, layout, and a loader that returns its host data (called
+    once, when the tensor is written, so only one tensor is in host memory at a time)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    load: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+_CODES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def write_file(path: Path, tensors: list[LazyTensor]) -> None:
+    """A safetensors file written tensor by tensor: the header needs only shapes and dtypes."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        if t.name in header:  # e.g. a base holding one tensor under both name layouts
+            raise CheckpointError(f"two tensors would be written as {t.name!r}")
+        header[t.name] = dict(
+            dtype=_CODES[t.dtype], shape=t.shape, data_offsets=(offset, offset + t.nbytes)
+        )
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # 8-byte aligned data, as the safetensors library writes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors:
+            array = t.load()
+            if tuple(array.shape) != t.shape or array.dtype != t.dtype:
+                raise CheckpointError(
+                    f"{t.name} is {array.dtype}{array.shape}, not {t.dtype}{t.shape}"
+                )
+            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_checkpoint(
+    tensors: list[LazyTensor], directory: Path, single: str, limit: int | None
+) -> None:
+    """``single`` when everything fits in ``limit`` bytes, else numbered shards and an index."""
+    shards: list[list[LazyTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if limit is not None and shards[-1] and size + t.nbytes > limit:
+            shards, size = [*shards, []], 0
+        shards[-1].append(t)
+        size += t.nbytes
+    if len(shards) == 1:
+        return write_file(directory / single, shards[0])
+    stem, ext = single.split(".", 1)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
+        write_file(directory / file, shard)
+        weight_map |= dict.fromkeys((t.name for t in shard), file)
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -1,4 +1,4 @@
-"""MMEB-train → validated ArrayRecord shards (stage 2 data), and a random-access reader.
+"""MMEB-train → validated ArrayRecord shards (stage 2 data); :mod:`unime_jax.data.mmeb_train` reads them.
 
 Input files are parquet or JSONL with the MMEB-train columns ``qry``, ``qry_image_path``,
 ``pos_text``, ``pos_image_path`` (other columns are ignored). A row's dataset is its ``dataset``
@@ -24,7 +24,7 @@ renamed to ``out_dir`` at the end, so a crash never leaves a dataset that looks 
 
 CLI::
 
-    python -m unime_jax.data.mmeb --input A.parquet --input B.jsonl --image-root DIR --out DIR \
+    python -m unime_jax.data.mmeb_convert --input A.parquet --input B.jsonl --image-root DIR --out DIR \
         [--tokenizer DIR --max-text-tokens N] [--max-rows-per-dataset N] [--overwrite]
 """
 
@@ -48,7 +48,7 @@ from typing import Any
 
 from PIL import Image
 
-from unime_jax.processing import IMAGE_PLACEHOLDER
+from unime_jax.preprocess.text import IMAGE_PLACEHOLDER
 
 COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 RECORD_KEYS = (*COLUMNS, "dataset", "row")
@@ -377,68 +377,9 @@ def convert(
     return report
 
 
-# ---------------------------------------------------------------------------------------------
-# reading the converted dataset
-
-
-class MmebSource:
-    """Random-access view of a converted dataset (``len``, ``[i]``); picklable for grain workers.
-
-    Items are dicts with ``qry``, ``pos_text`` (str), ``qry_image_path``, ``pos_image_path``
-    (absolute path strings, or ``None`` without an image), ``dataset`` and ``row``.
-    """
-
-    def __init__(self, directory: str | os.PathLike, image_root: str | os.PathLike | None = None):
-        import grain
-
-        self.directory = Path(directory).resolve()
-        manifest_path = self.directory / MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{manifest_path} not found: not a converted MMEB dataset")
-        self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{manifest_path}: unknown format {self.manifest.get('format')!r}")
-        self.image_root = str(Path(image_root or self.manifest["image_root"]).resolve())
-        paths = [str(self.directory / s["path"]) for s in self.manifest["shards"]]
-        self._source = grain.sources.ArrayRecordDataSource(paths) if paths else []
-        if len(self._source) != self.manifest["count"]:
-            raise ValueError(
-                f"{self.directory}: shards hold {len(self._source)} records, the manifest says "
-                f"{self.manifest['count']}"
-            )
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def _decode(self, raw: bytes) -> dict[str, Any]:
-        record = json.loads(raw)
-        for key in ("qry_image_path", "pos_image_path"):
-            record[key] = os.path.join(self.image_root, record[key]) if record[key] else None
-        return record
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self._decode(self._source[index])
-
-    def _getitems(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        return [self._decode(r) for r in self._source.__getitems__(list(indices))]
-
-    def __repr__(self) -> str:
-        return f"MmebSource({self.directory}, {len(self)} records, images in {self.image_root})"
-
-
-def open_dataset(
-    out_dir: str | os.PathLike, image_root: str | os.PathLike | None = None
-) -> MmebSource:
-    """The converted dataset in ``out_dir``; ``image_root`` overrides the manifest's."""
-    return MmebSource(out_dir, image_root)
-
-
-# ---------------------------------------------------------------------------------------------
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m unime_jax.data.mmeb",
+        prog="python -m unime_jax.data.mmeb_convert",
         description="Validate MMEB-train parquet/JSONL files and write ArrayRecord shards.",
     )
     parser.add_argument(

@@ -7,7 +7,7 @@ A *scene* holds 1–3 flat-coloured shapes on a white canvas. Its caption names 
     "a big green triangle left of a blue square"     two objects, relation from the positions
     "a pink star, a small black cross and a purple diamond"   three objects, listed left to right
 
-Every word used (captions and instructions) is in :data:`unime_jax.tiny.DEFAULT_WORDS`, so the
+Every word used (captions and instructions) is in :data:`unime_jax.demo.tokenizers.DEFAULT_WORDS`, so the
 offline word-level tokenizer never emits ``<unk>``.
 
 Semantics (what makes a caption true for a scene, see :func:`is_true`): the caption's objects
@@ -36,17 +36,11 @@ antialiasing), so every pixel is either the background or one of the scene's col
 from __future__ import annotations
 
 import itertools
-import math
 import random
 import re
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-from PIL import Image, ImageDraw
-
-from unime_jax.eval.metrics import SUGARCREPE_SPLITS
 
 # ----------------------------------------------------------------------------------------------
 # Vocabulary
@@ -77,18 +71,6 @@ INVERSE_RELATION: dict[str, str] = {
     "above": "below",
     "below": "above",
 }
-
-# The SugarCrepe split names double as the negative types (one source of truth).
-NEGATIVE_TYPES: tuple[str, ...] = SUGARCREPE_SPLITS
-
-# MMEB-style instructions. Unlike VLM2Vec's "Represent the given image with a caption." /
-# "Find an image that matches the caption:", only words of DEFAULT_WORDS are used ("given",
-# "caption", "find" and "matches" are not in it). ``<|image_1|>`` is swapped for the model's
-# image token before tokenization.
-IMAGE_PLACEHOLDER = "<|image_1|>"
-I2T_QUERY = f"{IMAGE_PLACEHOLDER} Represent this image with a sentence."
-T2I_QUERY_PREFIX = "Represent the image for this sentence: "
-IMAGE_TARGET = f"{IMAGE_PLACEHOLDER} Represent this image."
 
 HELD_OUT_MODULUS = 5
 
@@ -265,15 +247,6 @@ def is_true(desc: Description, scene: Scene) -> bool:
 # Scene sampling
 
 
-def _boxes_clear(objs: Sequence[SceneObject]) -> bool:
-    """No two bounding boxes closer than _GAP (boxes overlap iff both axes overlap)."""
-    for a, b in itertools.combinations(objs, 2):
-        reach = a.radius + b.radius + _GAP
-        if abs(a.x - b.x) < reach and abs(a.y - b.y) < reach:
-            return False
-    return True
-
-
 def _free_coord(rng: random.Random, r: float) -> float:
     return rng.uniform(r + _MARGIN, 1.0 - r - _MARGIN)
 
@@ -376,239 +349,3 @@ def make_split(seed: int, n: int, *, held_out: bool, unique: bool = False) -> li
             seen.add(key)
         scenes.append(scene)
     return scenes
-
-
-# ----------------------------------------------------------------------------------------------
-# Rendering
-
-
-# Unit 5-point star (outer radius 1, inner 0.45), nudged down to centre it in its box.
-_STAR_UNIT: tuple[tuple[float, float], ...] = tuple(
-    (
-        (1.0 if k % 2 == 0 else 0.45) * math.cos(-math.pi / 2 + k * math.pi / 5),
-        0.05 + (1.0 if k % 2 == 0 else 0.45) * math.sin(-math.pi / 2 + k * math.pi / 5),
-    )
-    for k in range(10)
-)
-
-
-def _polygon(name: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    if name == "square":
-        h = 0.85 * r
-        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
-    if name == "triangle":
-        return [(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)]
-    if name == "diamond":
-        return [(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)]
-    if name == "star":
-        return [(cx + r * u, cy + r * v) for u, v in _STAR_UNIT]
-    if name == "cross":
-        w = 0.33 * r
-        return [
-            (cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w),
-            (cx + r, cy + w), (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r),
-            (cx - w, cy + w), (cx - r, cy + w), (cx - r, cy - w), (cx - w, cy - w),
-        ]  # fmt: skip
-    raise ValueError(f"unknown shape {name!r}")
-
-
-def render(scene: Scene, size: int = 64) -> Image.Image:
-    """Draw ``scene`` on a ``size``×``size`` white RGB canvas (exact colours, no antialiasing)."""
-    img = Image.new("RGB", (size, size), BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    for o in scene.objects:
-        cx, cy, r = o.x * size, o.y * size, o.radius * size
-        fill = COLOURS[o.desc.colour]
-        if o.desc.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        else:
-            draw.polygon(_polygon(o.desc.shape, cx, cy, r), fill=fill)
-    return img
-
-
-# ----------------------------------------------------------------------------------------------
-# Negatives
-
-
-def _rng_for(scene: Scene, kind: str) -> random.Random:
-    return random.Random(f"{kind}|{caption(scene)}")
-
-
-def _candidates(scene: Scene, kind: str) -> list[Description]:
-    """All minimal edits of the true description of type ``kind`` (not yet checked for falsity)."""
-    true = scene.describe()
-    objs, rel = list(true.objects), true.relation
-    out: list[Description] = []
-
-    def with_objects(new: list[ObjectDesc]) -> Description:
-        return Description(tuple(new), rel)
-
-    if kind == "replace_att":
-        present = {o.colour for o in objs}
-        for i, o in enumerate(objs):
-            for c in COLOURS:
-                if c not in present:
-                    out.append(
-                        with_objects([*objs[:i], ObjectDesc(c, o.shape, o.size), *objs[i + 1 :]])
-                    )
-    elif kind == "replace_obj":
-        present = {o.shape for o in objs}
-        for i, o in enumerate(objs):
-            for s in SHAPES:
-                if s not in present:
-                    out.append(
-                        with_objects([*objs[:i], ObjectDesc(o.colour, s, o.size), *objs[i + 1 :]])
-                    )
-    elif kind == "replace_rel":
-        if rel is not None:
-            out.extend(Description(true.objects, r) for r in RELATIONS if r != rel)
-    elif kind in ("swap_att", "swap_obj"):
-        for i, j in itertools.combinations(range(len(objs)), 2):
-            a, b = objs[i], objs[j]
-            new = list(objs)
-            if kind == "swap_att" and a.colour != b.colour:
-                new[i], new[j] = (
-                    ObjectDesc(b.colour, a.shape, a.size),
-                    ObjectDesc(a.colour, b.shape, b.size),
-                )
-            elif kind == "swap_obj" and a.shape != b.shape:
-                new[i], new[j] = (
-                    ObjectDesc(a.colour, b.shape, a.size),
-                    ObjectDesc(b.colour, a.shape, b.size),
-                )
-            else:
-                continue
-            out.append(with_objects(new))
-    elif kind == "add_obj":
-        present = {(o.colour, o.shape) for o in objs}
-        for c, s in itertools.product(COLOURS, SHAPES):
-            if (c, s) not in present:
-                out.append(with_objects([*objs, ObjectDesc(c, s)]))
-    elif kind == "add_att":
-        for i, o in enumerate(objs):
-            if o.size is None:
-                for w in SIZE_WORDS:
-                    out.append(
-                        with_objects([*objs[:i], ObjectDesc(o.colour, o.shape, w), *objs[i + 1 :]])
-                    )
-    else:
-        raise ValueError(f"unknown negative type {kind!r}; expected one of {NEGATIVE_TYPES}")
-    return out
-
-
-def negative_description(
-    scene: Scene, kind: str, rng: random.Random | None = None
-) -> Description | None:
-    """A minimal edit of type ``kind`` of the scene's description that is false for the scene,
-    chosen with ``rng`` (default: a generator seeded from the caption and ``kind``), or None."""
-    candidates = _candidates(scene, kind)
-    if not candidates:
-        return None
-    rng = _rng_for(scene, kind) if rng is None else rng
-    while candidates:  # uniform over the false candidates, testing lazily
-        desc = candidates.pop(int(rng.random() * len(candidates)))
-        if not is_true(desc, scene):
-            return desc
-    return None
-
-
-def negative(scene: Scene, kind: str, rng: random.Random | None = None) -> str | None:
-    """The negative caption of type ``kind`` (one of :data:`NEGATIVE_TYPES`), or None."""
-    desc = negative_description(scene, kind, rng)
-    return None if desc is None else desc.text()
-
-
-def _negative_fn(kind: str) -> Callable[..., str | None]:
-    def fn(scene: Scene, rng: random.Random | None = None) -> str | None:
-        return negative(scene, kind, rng)
-
-    fn.__name__ = kind
-    fn.__doc__ = f"SugarCrepe-style ``{kind}`` negative caption for ``scene``, or None."
-    return fn
-
-
-replace_obj = _negative_fn("replace_obj")
-replace_att = _negative_fn("replace_att")
-replace_rel = _negative_fn("replace_rel")
-swap_obj = _negative_fn("swap_obj")
-swap_att = _negative_fn("swap_att")
-add_obj = _negative_fn("add_obj")
-add_att = _negative_fn("add_att")
-
-
-# ----------------------------------------------------------------------------------------------
-# Views consumed by the trainer and the evaluator
-
-
-def training_rows(seed: int, n: int, *, image_size: int = 64) -> list[dict[str, Any]]:
-    """``n`` stage-2 rows (MMEB-train format, PIL images in place of paths) from training scenes.
-
-    Even rows are image→text (``qry`` holds the image placeholder, ``pos_text`` the caption);
-    odd rows are text→image (``qry`` holds the caption, ``pos_image`` the picture).
-    """
-    rows: list[dict[str, Any]] = []
-    for i, scene in enumerate(make_split(seed, n, held_out=False)):
-        image, text = render(scene, image_size), caption(scene)
-        if i % 2 == 0:
-            rows.append({"qry": I2T_QUERY, "qry_image": image, "pos_text": text, "pos_image": None})
-        else:
-            rows.append(
-                {
-                    "qry": T2I_QUERY_PREFIX + text,
-                    "qry_image": None,
-                    "pos_text": IMAGE_TARGET,
-                    "pos_image": image,
-                }
-            )
-    return rows
-
-
-def training_sentences(seed: int, n: int) -> list[str]:
-    """Captions of the first ``n`` training scenes (the same scenes as ``training_rows``)."""
-    return [caption(s) for s in make_split(seed, n, held_out=False)]
-
-
-def nli_rows(seed: int, n: int, *, held_out: bool = False) -> list[dict[str, str]]:
-    """``n`` stage-1 rows in the SimCSE NLI layout (``sent0, sent1, hard_neg``) from the demo
-    world: a caption, another true wording of the same scene (the caption itself when the
-    grammar has only one), and a one-edit false caption of a random SugarCrepe type."""
-    rng = random.Random(f"nli|{int(seed)}|{held_out}")
-    rows = []
-    for scene in make_split(seed, n, held_out=held_out, unique=held_out):
-        text = caption(scene)
-        wordings = sorted(equivalent_captions(scene) - {text}) or [text]
-        kinds = list(NEGATIVE_TYPES)
-        rng.shuffle(kinds)
-        hard = next(filter(None, (negative(scene, k, rng) for k in kinds)), "")
-        rows.append({"sent0": text, "sent1": rng.choice(wordings), "hard_neg": hard})
-    return rows
-
-
-def retrieval_set(
-    seed: int, n: int, *, image_size: int = 64
-) -> tuple[list[Image.Image], list[str], list[int]]:
-    """Held-out retrieval: ``n`` images with one caption each (all scenes distinct).
-
-    Returns ``(images, captions, image_for_caption)`` with ``image_for_caption[k]`` the index of
-    the image that caption ``k`` describes (here simply ``k``).
-    """
-    scenes = make_split(seed, n, held_out=True, unique=True)
-    return [render(s, image_size) for s in scenes], [caption(s) for s in scenes], list(range(n))
-
-
-def compositional_set(
-    seed: int, n: int, *, image_size: int = 64
-) -> dict[str, list[tuple[Image.Image, str, str]]]:
-    """Held-out SugarCrepe-style splits from ``n`` held-out scenes (the scenes of
-    ``retrieval_set(seed, n)``): for each scene and each type in :data:`NEGATIVE_TYPES` that
-    applies, one ``(image, caption, negative_caption)``. Split sizes therefore differ (relation
-    and swap splits need several objects)."""
-    rng = random.Random(f"negatives|{int(seed)}")
-    out: dict[str, list[tuple[Image.Image, str, str]]] = {k: [] for k in NEGATIVE_TYPES}
-    for scene in make_split(seed, n, held_out=True, unique=True):
-        image, text = render(scene, image_size), caption(scene)
-        for kind in NEGATIVE_TYPES:
-            neg = negative(scene, kind, rng)
-            if neg is not None:
-                out[kind].append((image, text, neg))
-    return out
