@@ -46,6 +46,7 @@ def base() -> ml_collections.ConfigDict:
     c.teacher_dir = ""
     c.eval_corpus = ""  # optional held-out sentences (+ their teacher_dir) for teacher agreement
     c.eval_teacher_dir = ""
+    c.teacher_dim = 4096  # the teacher's width (NV-Embed-v2); only `unime_jax.aot` reads it
     c.max_sentence_tokens = 32  # E5-V's truncation, before the chat template
     c.text_length = 96  # fixed token length on device: chat template (~20-35) + 32 tokens
     # Loss: mean_i KL(P_teacher[i] || P_student[i]) over the global batch (directions: open).
@@ -70,7 +71,10 @@ def base() -> ml_collections.ConfigDict:
 
 def get_config(preset: str = "llava_onevision_7b") -> ml_collections.ConfigDict:
     c = base()
-    if preset in ("llava_onevision_7b", "llava_next_7b"):
+    if preset == "llava_onevision_7b":
+        return c
+    if preset == "llava_next_7b":
+        c.reference_model = "llava-v1.6-mistral-7b-hf"
         return c
     if preset == "demo":
         c.model = "demo"

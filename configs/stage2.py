@@ -17,6 +17,9 @@ def base() -> ml_collections.ConfigDict:
     # Model: an HF checkpoint directory (or hub id with network; a stage-1 WORKDIR/merged), or
     # "demo" (the seeded demo model, written to WORKDIR/demo_base).
     c.model = ""
+    # The paper backbone a preset is for: its config.json is bundled in configs/models/, so
+    # `python -m unime_jax.aot` can compile the step before any weights are downloaded.
+    c.reference_model = "llava-onevision-qwen2-7b-ov-hf"
     c.dtype = "bfloat16"  # frozen base weights; LoRA adapters and optimizer state stay fp32
     c.remat = "full"  # recompute layers in the backward pass: none, full, dots, offload
     c.attention = "auto"  # splash (Pallas) on TPU, the exact XLA reference elsewhere
@@ -76,6 +79,7 @@ def get_config(preset: str = "llava_onevision_7b") -> ml_collections.ConfigDict:
         return c  # lr 1e-4 is open for OneVision in the paper; Phi-3.5-V's value is a sound prior
     if preset == "llava_next_7b":
         c.lr = 2e-5
+        c.reference_model = "llava-v1.6-mistral-7b-hf"
         return c
     if preset == "demo":
         c.model = "demo"  # or a stage-1 demo's WORKDIR/merged (the chained demo)

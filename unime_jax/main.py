@@ -25,6 +25,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and result
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", None, "Call jax.distributed.initialize() (default: on TPU with several hosts)."
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for a multi-process run off TPU pods."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def train() -> None:
@@ -39,7 +44,13 @@ def train() -> None:
         distributed = (
             "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
         )
-    if distributed:
+    if _COORDINATOR.value:  # e.g. several processes on one machine, or hosts without TPU metadata
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    elif distributed:
         jax.distributed.initialize()
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/unime_jax/jax"))
     from unime_jax import train as trainer

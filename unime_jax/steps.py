@@ -68,21 +68,24 @@ def train_state_shardings(
     return TrainState(replicated, param_shardings, opt_shardings, replicated, replicated)
 
 
+def fresh_state(trainable: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        trainable=trainable,
+        opt_state=tx.init(trainable),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        skipped=jnp.zeros((), jnp.int32),
+    )
+
+
 def init_state(
     trainable: nnx.State, tx: optax.GradientTransformation, seed: int, mesh: Mesh
 ) -> TrainState:
     """A fresh train state, created directly in its shardings."""
-
-    def create(trainable):
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            trainable=trainable,
-            opt_state=tx.init(trainable),
-            rng=jax.random.key_data(jax.random.key(seed)),
-            skipped=jnp.zeros((), jnp.int32),
-        )
-
-    return jax.jit(create, out_shardings=train_state_shardings(trainable, tx, mesh))(trainable)
+    create = jax.jit(
+        lambda t: fresh_state(t, tx, seed), out_shardings=train_state_shardings(trainable, tx, mesh)
+    )
+    return create(trainable)
 
 
 LossFn = Callable[[dict[str, jax.Array], dict[str, jax.Array], jax.Array], tuple[jax.Array, dict]]

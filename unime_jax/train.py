@@ -41,8 +41,9 @@ def _check(ok: bool, key: str, value, need: str) -> None:
         raise UsageError(f"--config.{key}={value!r} is out of range", f"it must be {need}")
 
 
-def validate(cfg, mesh, stage: Stage) -> None:
-    """Every value the loop reads, checked before anything is built or compiled."""
+def validate(cfg, mesh, stage: Stage, *, check_files: bool = True) -> None:
+    """Every value the loop reads, checked before anything is built or compiled (without the
+    model and data paths when ``check_files`` is False: the ahead-of-time check needs neither)."""
     positive = ("batch_size", "lr", "log_every", "checkpoint_every", "keep_checkpoints")
     for key in positive:
         _check(cfg[key] > 0, key, cfg[key], "> 0")
@@ -90,11 +91,11 @@ def validate(cfg, mesh, stage: Stage) -> None:
             f"warmup_steps {cfg.warmup_steps} exceeds num_steps {cfg.num_steps}",
             "lower --config.warmup_steps",
         )
-    if not cfg.model:
+    if check_files and not cfg.model:
         raise UsageError(
             "no model given", "set --config.model to an HF checkpoint directory (or use :demo)"
         )
-    stage.validate(cfg)
+    stage.validate(cfg, check_files=check_files)
 
 
 def num_chunks(cfg, data_parallel: int) -> int:
@@ -143,6 +144,29 @@ def make_data(cfg, stage: Stage, processor, mesh, source=None):
     )
 
 
+def add_lora(cfg, family, module: nnx.Module) -> nnx.Module:
+    """``module`` with the configured adapters (``lora_targets``: the family's group names, e.g.
+    ``llm,vision_attention``, or module-path regexes); unchanged when ``lora_rank`` is 0."""
+    if cfg.lora_rank > 0:
+        targets = []
+        for name in filter(None, (s.strip() for s in cfg.lora_targets.split(","))):
+            targets += family.lora_targets.get(name, [name])
+        apply_lora(
+            module,
+            targets,
+            rank=cfg.lora_rank,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            rngs=nnx.Rngs(cfg.seed + 1),
+        )
+    return module
+
+
+def split_trainable(cfg, module: nnx.Module):
+    """(graphdef, trainable, frozen): the adapters are trained, or every parameter without LoRA."""
+    return nnx.split(module, nnx.LoRAParam if cfg.lora_rank > 0 else nnx.Param, ...)
+
+
 def run(cfg, workdir: str) -> dict:
     """Trains per ``cfg`` in ``workdir`` (resuming if it holds checkpoints); returns results."""
     os.makedirs(workdir, exist_ok=True)
@@ -171,20 +195,7 @@ def run(cfg, workdir: str) -> dict:
             os.path.join(workdir, "config.json"), json.loads(cfg.to_json_best_effort())
         )
 
-    if cfg.lora_rank > 0:
-        targets = []
-        for name in filter(None, (s.strip() for s in cfg.lora_targets.split(","))):
-            targets += family.lora_targets.get(name, [name])  # a group name or a regex
-        apply_lora(
-            module,
-            targets,
-            rank=cfg.lora_rank,
-            alpha=cfg.lora_alpha,
-            dropout=cfg.lora_dropout,
-            rngs=nnx.Rngs(cfg.seed + 1),
-        )
-    trainable_filter = nnx.LoRAParam if cfg.lora_rank > 0 else nnx.Param
-    graphdef, trainable, frozen = nnx.split(module, trainable_filter, ...)
+    graphdef, trainable, frozen = split_trainable(cfg, add_lora(cfg, family, module))
     trainable = jax.device_put(trainable, sharding.state_shardings(trainable, mesh))
     frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh))
     log.info(

@@ -14,7 +14,7 @@ The pipeline (:func:`make_batch_iterator`) is grain's dataset API::
       .shuffle(seed)                    a new permutation each epoch (seed + epoch)
       .repeat(num_epochs)               None = forever
       [: whole global batches]          finite epochs only
-      [process_index::process_count]    per-host strided shard of the global stream
+      HostBlock(process_index)          this host's contiguous block of every global batch
       .to_iter_dataset()
       .map(transform)                   tokenise, load + tile images (in workers if any)
       .mp_prefetch(worker_count)        optional worker processes
@@ -23,9 +23,10 @@ The pipeline (:func:`make_batch_iterator`) is grain's dataset API::
 
 Why this construction rather than ``grain.DataLoader``: every stage is random access until the
 per-example map, so the iterator state is tiny and JSON-serialisable (an index per worker plus
-the skip counts) and restores exactly; the host shard is a stride over the *global* shuffled
-stream, so step ``s`` of all hosts together sees global stream positions ``[s*B, (s+1)*B)``
-— the same rows as a one-host run (absent skipped rows) and disjoint across hosts; and filter +
+the skip counts) and restores exactly; host ``h`` of ``H`` reads block ``h`` of each global batch
+(stream positions ``[s*B + h*B/H, s*B + (h+1)*B/H)`` at step ``s``), so all hosts together see
+the rows of a one-host run *in the same order* (absent skipped rows) — the global array is the
+same, and so is the training — and disjoint across hosts; and filter +
 batch run after ``mp_prefetch`` in the main process, so the batches do not depend on the number
 of worker processes and skip counts are complete even with workers.
 
@@ -163,6 +164,32 @@ class BatchIterator(grain.DatasetIterator):
         self._dropper.counts = collections.Counter(state.get("skipped", {}))
 
 
+class HostBlock(grain.MapDataset):
+    """Host ``index`` of ``count``'s rows of each global batch of ``batch`` rows: the contiguous
+    block ``[index * batch / count, (index + 1) * batch / count)`` of every batch, so the global
+    array the hosts assemble has the rows of a one-host run in the same order."""
+
+    def __init__(self, parent: grain.MapDataset, *, index: int, count: int, batch: int):
+        super().__init__(parent)
+        self._index, self._count, self._batch = index, count, batch
+        self._local = batch // count
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._count
+
+    def _global(self, i: int) -> int:
+        step, offset = divmod(i, self._local)
+        return step * self._batch + self._index * self._local + offset
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._global(index)]
+
+    def __str__(self) -> str:
+        return f"HostBlock({self._index}/{self._count} of {self._batch})"
+
+
 @dataclasses.dataclass(frozen=True)
 class _AttachIndex:
     """Adds the source index (``_index``) to a record, for row ids in skip warnings."""
@@ -199,8 +226,8 @@ def make_batch_iterator(
     """Host-local batches of ``global_batch_size // process_count`` rows (module doc).
 
     ``reasons``: the skip reasons the transform can report (for zero-filled metrics);
-    ``process_index`` / ``process_count`` default to JAX's; each host gets every
-    ``process_count``-th row of the global shuffled stream (disjoint across hosts).
+    ``process_index`` / ``process_count`` default to JAX's; each host gets its block of every
+    global batch of the shuffled stream (disjoint across hosts, see :class:`HostBlock`).
     """
     import jax
 
@@ -221,7 +248,8 @@ def make_batch_iterator(
     ds = ds.repeat(num_epochs)
     if num_epochs is not None:  # whole global batches only, so that every host steps equally
         ds = ds[: len(ds) // global_batch_size * global_batch_size]
-    ds = ds[process_index::process_count]
+    if process_count > 1:
+        ds = HostBlock(ds, index=process_index, count=process_count, batch=global_batch_size)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)).map(
         transform
     )

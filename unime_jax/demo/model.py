@@ -11,8 +11,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from transformers import LlavaOnevisionImageProcessorPil
 
 from unime_jax.demo import tiny_configs
@@ -70,7 +73,10 @@ def base_checkpoint(directory: str | os.PathLike, *, seed: int = 0) -> Path:
     """The randomly initialised demo model (``nnx.Rngs(seed)``) as an HF checkpoint directory,
     written on first use (atomically) and reused afterwards."""
     directory = Path(directory)
-    if (directory / "config.json").exists():
+    exists = (directory / "config.json").exists()
+    if jax.process_count() > 1:  # all processes take part in the export, or none does
+        exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
+    if exists:
         return directory
     hf_config, processor = build()
     module = FAMILY.build(processor.config, rngs=nnx.Rngs(seed), dtype=jnp.float32)

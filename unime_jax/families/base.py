@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -13,6 +14,19 @@ from flax import nnx
 from unime_jax.preprocess.processor import Processor
 from unime_jax.weights.rules import WeightMap
 from unime_jax.weights.safetensors import LazyTensor
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageShapes:
+    """What one image costs on device, for budgets and ahead-of-time compilation: ``units`` per
+    image, image ``tokens`` in the sequence, the per-unit arrays and per-group constants of
+    ``ModelInputs.images`` ((shape, dtype) without the leading axes), and gather ``taps``."""
+
+    units: int
+    tokens: int
+    unit_arrays: Mapping[str, tuple[tuple[int, ...], Any]]
+    constants: Mapping[str, tuple[tuple[int, ...], Any]]
+    taps: int
 
 
 class Family(abc.ABC):
@@ -55,6 +69,16 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def load_processor(self, directory: str | os.PathLike, cfg: Any, hf_config: dict) -> Processor:
         """The processor from a checkpoint directory's tokenizer and preprocessor files."""
+
+    @abc.abstractmethod
+    def image_shapes(self, cfg: Any, hf_config: dict, image_size: int) -> ImageShapes | None:
+        """One image resized to ``image_size`` square (0: the largest any size needs); None for
+        a text-only config."""
+
+    @abc.abstractmethod
+    def forward_flops(self, cfg: Any, rows: int, length: int, units: int) -> float:
+        """Analytic forward FLOPs of ``rows`` sequences of ``length`` tokens with ``units``
+        image units in all (see :mod:`unime_jax.flops`)."""
 
     def export_fillers(
         self, cfg: Any, tensors: Mapping[str, LazyTensor], hf_config: dict

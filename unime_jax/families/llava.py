@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 import numpy as np
 
-from unime_jax.families.base import Family
+from unime_jax import flops
+from unime_jax.families.base import Family, ImageShapes
 from unime_jax.models.config import ConfigError, TextConfig, VisionConfig
 from unime_jax.models.llava import LlavaConfig, LlavaModel
 from unime_jax.preprocess import anyres
@@ -388,6 +389,34 @@ class LlavaFamily(Family):
             klass = getattr(transformers, self._image_processor_class)
             image_processor = klass.from_pretrained(directory)
         return self.processor(cfg, hf_config, tokenizer, image_processor)
+
+    def image_shapes(self, cfg, hf_config, image_size: int) -> ImageShapes | None:
+        if cfg.vision is None:
+            return None
+        spec = self.anyres_spec(hf_config)
+        if image_size > 0:
+            size = (image_size, image_size)
+            units, tokens = anyres.num_tiles(size, spec), anyres.num_image_tokens(size, spec)
+        else:  # the worst case over the pinpoint grids (an image the size of the largest one)
+            units = spec.max_tiles
+            tokens = max(anyres.num_image_tokens(p, spec) for p in spec.grid_pinpoints)
+        v = cfg.vision
+        return ImageShapes(
+            units=units,
+            tokens=tokens,
+            unit_arrays={"pixels": ((v.num_channels, v.image_size, v.image_size), np.uint8)},
+            constants={"pixel_lut": ((v.num_channels, 256), np.float32)},
+            taps=spec.taps,
+        )
+
+    def forward_flops(self, cfg: LlavaConfig, rows: int, length: int, units: int) -> float:
+        total = flops.decoder_flops(cfg.text, rows, length)
+        if units and cfg.vision is not None:
+            clip = cfg.vision.kind == "clip"
+            total += flops.vit_flops(cfg.vision, cfg.vision_layers_used, units, class_token=clip)
+            d_v, d = cfg.vision.hidden_size, cfg.text.hidden_size
+            total += flops.mlp_flops(units * cfg.features_per_tile, d_v, d, d)
+        return total
 
     def export_fillers(self, cfg: LlavaConfig, tensors, hf_config) -> list[LazyTensor]:
         """The LM head is a copy of the input embeddings (unless tied); the vision post-layernorm

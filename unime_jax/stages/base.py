@@ -35,9 +35,16 @@ class Stage(abc.ABC):
         """A copy of ``cfg`` with derived values filled in (e.g. demo data files). Default: none."""
         return cfg
 
+    def prepare_abstract(self, cfg):
+        """A copy of ``cfg`` for compiling the step without data (:mod:`unime_jax.aot`)."""
+        cfg = cfg.copy_and_resolve_references()
+        cfg.num_steps = cfg.num_steps or 1000  # only the schedule reads it
+        return cfg
+
     @abc.abstractmethod
-    def validate(self, cfg) -> None:
-        """Raises :class:`~unime_jax.errors.UsageError` for a config this stage cannot run."""
+    def validate(self, cfg, *, check_files: bool = True) -> None:
+        """Raises :class:`~unime_jax.errors.UsageError` for a config this stage cannot run;
+        ``check_files``: also that its data exists."""
 
     @abc.abstractmethod
     def source(self, cfg) -> Sequence[Any]:
@@ -53,6 +60,10 @@ class Stage(abc.ABC):
 
     @abc.abstractmethod
     def loss_fn(self, cfg) -> LossFn: ...
+
+    def extras(self, cfg) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """Per-row arrays of the batch besides the sides: name -> (shape, dtype)."""
+        return {}
 
     def num_steps(self, cfg, num_rows: int) -> int:
         """Optimizer steps to run (default: ``cfg.num_steps``)."""

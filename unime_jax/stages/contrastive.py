@@ -24,11 +24,24 @@ class Contrastive(Stage):
     text_only = False
     skip_reasons = pairs.REASONS
 
-    def validate(self, cfg) -> None:
+    def validate(self, cfg, *, check_files: bool = True) -> None:
         if cfg.loss not in ("hard_negative", "infonce"):
             raise UsageError(
                 f"--config.loss={cfg.loss!r} is not a loss", "use hard_negative or infonce"
             )
+        for key in ("temperature",):
+            if not cfg[key] > 0:
+                raise UsageError(f"--config.{key}={cfg[key]!r} is out of range", "it must be > 0")
+        for key in ("image_size", "max_tiles", "tile_budget", "infonce_steps"):
+            if cfg[key] < 0:
+                raise UsageError(f"--config.{key}={cfg[key]!r} is out of range", "it must be >= 0")
+        if cfg.num_hard_negatives < 1:
+            raise UsageError(
+                f"--config.num_hard_negatives={cfg.num_hard_negatives!r} is out of range",
+                "it must be >= 1",
+            )
+        if not check_files:
+            return
         if cfg.train_data != "demo" and (not cfg.train_data or not os.path.isdir(cfg.train_data)):
             raise UsageError(
                 f"--config.train_data={cfg.train_data!r} is not a directory",

@@ -141,7 +141,18 @@ class Distillation(Stage):
         cfg.update(prepare_demo(cfg, workdir))
         return cfg
 
-    def validate(self, cfg) -> None:
+    def validate(self, cfg, *, check_files: bool = True) -> None:
+        if cfg.kd_direction not in losses.KD_DIRECTIONS:
+            raise UsageError(
+                f"--config.kd_direction={cfg.kd_direction!r}", f"use one of {losses.KD_DIRECTIONS}"
+            )
+        for key in ("kd_temperature", "max_sentence_tokens"):
+            if not cfg[key] > 0:
+                raise UsageError(f"--config.{key}={cfg[key]!r} is out of range", "it must be > 0")
+        if not cfg.num_steps and cfg.num_epochs <= 0:
+            raise UsageError("set num_steps or num_epochs (> 0)")
+        if not check_files:
+            return
         for field in ("corpus", "teacher_dir"):
             if not cfg[field] or not os.path.exists(cfg[field]):
                 raise UsageError(
@@ -149,12 +160,6 @@ class Distillation(Stage):
                     "stage 1 needs the corpus and its teacher embeddings from `python -m "
                     "unime_jax.teacher --corpus CORPUS --out TEACHER_DIR`",
                 )
-        if not cfg.num_steps and cfg.num_epochs <= 0:
-            raise UsageError("set num_steps or num_epochs (> 0)")
-        if cfg.kd_direction not in losses.KD_DIRECTIONS:
-            raise UsageError(
-                f"--config.kd_direction={cfg.kd_direction!r}", f"use one of {losses.KD_DIRECTIONS}"
-            )
 
     def source(self, cfg) -> SentenceSource:
         return open_sentences(cfg.corpus, cfg.teacher_dir)
@@ -178,6 +183,9 @@ class Distillation(Stage):
             )
         log.info("%d epochs of %d sentences = %d steps", cfg.num_epochs, num_rows, steps)
         return steps
+
+    def extras(self, cfg) -> dict:
+        return {"teacher": ((cfg.teacher_dim,), np.float32)}
 
     def loss_fn(self, cfg):
         def distill(embs, extras, step):
