@@ -18,7 +18,16 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
-.PHONY: setup lint test demo demo-chain bench
+# The runtime install as users get it (requirements.txt alone: no torch, no libtpu).
+RUNTIME_VENV ?= .venv-runtime
+$(RUNTIME_VENV)/.runtime: requirements.txt pyproject.toml
+	$(PY) -m venv $(RUNTIME_VENV)
+	$(RUNTIME_VENV)/bin/pip install -q --upgrade pip
+	$(RUNTIME_VENV)/bin/pip install -q -r requirements.txt
+	$(RUNTIME_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+.PHONY: setup lint test demo demo-chain bench runtime-check
 setup: $(VENV)/.dev
 
 lint: $(VENV)/.dev
@@ -27,6 +36,11 @@ lint: $(VENV)/.dev
 
 test: lint
 	$(BIN)/python -m pytest -q -ra
+	$(MAKE) runtime-check
+
+# Every entry point once in the runtime-only install (tests/runtime_check.py).
+runtime-check: $(RUNTIME_VENV)/.runtime
+	$(RUNTIME_VENV)/bin/python tests/runtime_check.py
 
 demo: $(VENV)/.runtime
 	$(BIN)/python -m unime_jax.main --config=configs/stage2.py:demo --workdir=runs/demo

@@ -91,6 +91,7 @@ def config(args) -> ml_collections.ConfigDict:
         warmup_steps=0,
         num_steps=1000,
         length_buckets=False,
+        image_size=0,  # the rows' photos are already 64 px squares (2 tiles each)
         query_length=args.query_length,
         target_length=args.target_length,
     )

@@ -2,19 +2,25 @@
 
     python -m unime_jax.eval --config=configs/eval.py --workdir=runs/eval \
         --config.model=/ckpt/UniME-LLaVA-OneVision-7B --config.tasks=coco,sugarcrepe \
-        --config.coco.annotations=/data/coco/annotations/captions_val2017.json \
-        --config.coco.images=/data/coco/val2017 \
-        --config.sugarcrepe.directory=/data/sugarcrepe --config.sugarcrepe.images=/data/coco/val2017
+        --config.data_dir=/data/tfds
     python -m unime_jax.eval --config=configs/eval.py:coco_mini --workdir=runs/eval_coco_mini
 
-Presets (``:name``): ``paper`` (default: every benchmark of the paper; fill in the data paths of
-the tasks you run), ``coco_mini`` (the offline demo model on the real photos of
-``../shared/data/coco_mini`` beside the repository: a smoke test of the whole pipeline).
+Every benchmark is read from a prepared TFDS dataset (``unime_jax.datasets``), built once with
+``python -m unime_jax.datasets build NAME --config C --manual_dir DIR --data_dir DATA`` or by the
+evaluation itself when the task's ``manual_dir`` is set (DIR: the unpacked files the builder's
+instructions name). ``data_dir`` is the TFDS data directory ("" = TFDS's default:
+``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``).
+
+Presets (``:name``): ``paper`` (default: every benchmark of the paper, from prepared datasets),
+``coco_mini`` (the offline demo model on the real photos of ``../shared/data/coco_mini`` beside
+the repository, built into TFDS datasets on the first run: a smoke test of the whole pipeline).
 
 Each entry of ``tasks`` names a section of this config; its ``kind`` picks the protocol:
-``retrieval`` (COCO-caption or Flickr30K-Karpathy files), ``long_caption`` (one caption per
-image, ShareGPT4V-1K / Urban1K), ``sugarcrepe`` (the split files) or ``mmeb`` (MMEB-eval files).
-``paper`` names the benchmark whose published numbers are shown beside ours ("" = none).
+``retrieval`` (COCO captions, Flickr30K / COCO Karpathy), ``long_caption`` (one caption per
+image, ShareGPT4V-1K / Urban1K), ``sugarcrepe`` (its splits) or ``mmeb`` (MMEB-eval's 36
+datasets). ``dataset`` names what the task reads, ``NAME[/CONFIG][:SPLIT]`` (retrieval sets:
+split ``test`` unless named; SugarCrepe: the split, or ``splits``). ``paper`` names the benchmark
+whose published numbers are shown beside ours ("" = none).
 """
 
 from pathlib import Path
@@ -24,26 +30,37 @@ import ml_collections
 COCO_MINI = Path(__file__).resolve().parents[1].parent / "shared/data/coco_mini"
 
 
-def _section(kind: str, paper: str, **fields) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"kind": kind, "paper": paper, "note": ""} | fields)
-
-
-def retrieval(fmt: str, paper: str) -> ml_collections.ConfigDict:
-    return _section(
-        "retrieval",
-        paper,
-        format=fmt,  # "coco": captions_*.json; "flickr": Karpathy dataset_flickr30k.json
-        annotations="",
-        images="",
-        split="test",  # Karpathy split (flickr format only)
-        max_images=0,  # 0 = all
-        ks=(1, 5, 10),
+def _section(kind: str, paper: str, dataset: str, **fields) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        {
+            "kind": kind,
+            "dataset": dataset,  # NAME[/CONFIG][:SPLIT], a unime_jax.datasets builder
+            "manual_dir": "",  # set: build the dataset from this folder first if not prepared
+            "paper": paper,
+            "note": "",
+        }
+        | fields
     )
 
 
-def long_caption(paper: str) -> ml_collections.ConfigDict:
-    # JSON list or JSONL of {"image": <path under images>, "caption": <text>}
-    return _section("long_caption", paper, annotations="", images="", max_images=0, ks=(1, 5, 10))
+def retrieval(dataset: str, paper: str, kind: str = "retrieval") -> ml_collections.ConfigDict:
+    """A retrieval task over ``dataset`` (``coco_captions``, ``karpathy``, ``long_caption`` or
+    ``shapes_world/retrieval``)."""
+    return _section(kind, paper, dataset, max_images=0, ks=(1, 5, 10))  # max_images 0 = all
+
+
+def long_caption(dataset: str, paper: str) -> ml_collections.ConfigDict:
+    return retrieval(dataset, paper, kind="long_caption")
+
+
+def sugarcrepe(dataset: str, paper: str) -> ml_collections.ConfigDict:
+    return _section(
+        "sugarcrepe",
+        paper,
+        dataset,
+        splits="",  # comma-separated subset; "" = all the dataset has (7)
+        max_items=0,  # first N items per split; 0 = all
+    )
 
 
 def base() -> ml_collections.ConfigDict:
@@ -56,6 +73,9 @@ def base() -> ml_collections.ConfigDict:
     c.dtype = "float32"
     c.batch_size = 8  # rounded up to a multiple of the data-parallel mesh size
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    # Data: the TFDS data directory of the prepared datasets ("" = $TFDS_DATA_DIR, else
+    # ~/tensorflow_datasets).
+    c.data_dir = ""
     # Embedding cache: reruns embed nothing. "" keeps embeddings in memory only.
     c.cache_dir = "~/.cache/unime_jax/embeddings"
     # What to run and how to report it.
@@ -66,25 +86,13 @@ def base() -> ml_collections.ConfigDict:
     c.progress = True
     c.data_hint = ""  # added to data errors (presets that point at fixed locations say where)
     # Tasks.
-    c.coco = retrieval("coco", "coco")
-    c.flickr = retrieval("flickr", "flickr")
-    c.sharegpt4v = long_caption("")  # the spec quotes no ShareGPT4V figure
-    c.urban1k = long_caption("urban1k")
-    c.sugarcrepe = _section(
-        "sugarcrepe",
-        "sugarcrepe",
-        directory="",  # holds <split>.json for each split
-        images="",  # the COCO val2017 images the items' filenames point into
-        splits="",  # comma-separated subset; "" = all 7
-        max_items=0,  # first N items per split; 0 = all
-    )
-    c.mmeb = _section(
-        "mmeb",
-        "mmeb",
-        directory="",  # MMEB-eval parquet/JSONL files (searched recursively), or one file
-        images="",  # root the rows' image paths are relative to
-        max_rows=0,  # first N rows per dataset; 0 = all (1000 each)
-    )
+    # COCO 5K test is Karpathy's split of COCO 2014 (coco_captions/val2017: the 2017 val images)
+    c.coco = retrieval("karpathy/coco", "coco")
+    c.flickr = retrieval("karpathy/flickr30k", "flickr")
+    c.sharegpt4v = long_caption("long_caption/sharegpt4v_1k", "")  # no ShareGPT4V figure quoted
+    c.urban1k = long_caption("long_caption/urban1k", "urban1k")
+    c.sugarcrepe = sugarcrepe("sugarcrepe/val2017", "sugarcrepe")
+    c.mmeb = _section("mmeb", "mmeb", "mmeb_eval", max_rows=0)  # first N rows per dataset; 0 = all
     return c
 
 
@@ -97,21 +105,21 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
         c.tasks = "coco,sugarcrepe"
         c.batch_size = 16
         c.plot_max_k = 20
-        c.coco.annotations = str(COCO_MINI / "captions_val2017.json")
-        c.coco.images = str(COCO_MINI / "images")
+        c.coco.dataset = "coco_captions/mini"
+        c.coco.manual_dir = str(COCO_MINI)  # the first run builds the dataset from it
         c.coco.paper = ""  # 79 photos, not the 5K test split: the paper's figures don't compare
         c.coco.note = (
             "coco_mini: 79 COCO val2017 photos with 5 captions each (a miniature of the 5K "
             "protocol; no paper figure compares)"
         )
-        c.sugarcrepe.directory = str(COCO_MINI / "sugarcrepe")
-        c.sugarcrepe.images = str(COCO_MINI / "images")
+        c.sugarcrepe.dataset = "sugarcrepe/mini"
+        c.sugarcrepe.manual_dir = str(COCO_MINI)
         c.sugarcrepe.note = "coco_mini: the 211 SugarCrepe items whose photo is in coco_mini"
         c.data_hint = (
-            f"the coco_mini preset reads {COCO_MINI} (real COCO photos, captions and SugarCrepe "
-            "items kept beside the repository, at ../shared/data/coco_mini); it is not there. "
-            "Place it there, or use the default preset with your own data paths "
-            "(--config.coco.annotations=..., --config.coco.images=..., ...)."
+            f"the coco_mini preset builds its datasets from {COCO_MINI} (real COCO photos, "
+            "captions and SugarCrepe items kept beside the repository, at "
+            "../shared/data/coco_mini); place it there, or use the default preset with datasets "
+            "you have built (--config.coco.dataset=..., --config.data_dir=...)"
         )
         return c
     raise ValueError(f"unknown eval preset {preset!r}; use paper or coco_mini")

@@ -33,6 +33,8 @@ class CountingEncoder:
 
     @staticmethod
     def _image_key(image):
+        if isinstance(image, bytes):  # a file's bytes, as the TFDS datasets give images
+            return hashlib.sha256(image).hexdigest()
         with open(image, "rb") as f:  # by content, like the cache: renaming keeps the embedding
             return hashlib.sha256(f.read()).hexdigest()
 
@@ -87,6 +89,25 @@ def test_rerun_embeds_nothing_and_gives_the_same_numbers(coco):
     assert enc.total() == 12 and again == first
     assert (cache.hits, cache.misses) == (12, 0)
     assert first == ev.evaluate_retrieval(CountingEncoder(), load(coco))  # same as uncached
+
+
+def test_a_tfds_dataset_reuses_the_embeddings_of_its_files(coco):
+    """The evaluation CLI reads images as bytes from a TFDS dataset; their keys are the files'
+    keys, so embeddings cached from the files (or another build of the same files) are hits."""
+    import unime_jax.datasets as uds
+
+    manual = coco / "manual"  # the layout of coco_captions/mini
+    manual.mkdir()
+    (manual / "captions_val2017.json").write_text((coco / "captions.json").read_text())
+    (manual / "images").symlink_to(coco / "imgs")
+    uds.prepare("coco_captions", data_dir=coco / "tfds", config="mini", manual_dir=manual)
+    from_tfds = uds.retrieval_set("coco_captions", data_dir=coco / "tfds", config="mini")
+    assert from_tfds.image_paths == [(coco / f"imgs/{i}.png").read_bytes() for i in range(4)]
+    enc = CountingEncoder()
+    first = ev.evaluate_retrieval(enc, load(coco), cache=ec.EmbeddingCache(coco / "c", "m"))
+    cache = ec.EmbeddingCache(coco / "c", "m")
+    assert ev.evaluate_retrieval(enc, from_tfds, cache=cache) == first
+    assert enc.total() == 12 and (cache.hits, cache.misses) == (12, 0)
 
 
 def test_model_change_invalidates(coco):

@@ -1,31 +1,32 @@
-"""MMEB-train converter: row validation and its report, ArrayRecord output, CLI, reader."""
+"""The MMEB-train builder: every bad row reported under its reason and never written, the
+records in input order with the files' image bytes, per-dataset configs and limits,
+deterministic output, and a crash that leaves nothing that looks prepared."""
 
 import json
-import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
-from unime_jax.data import mmeb_convert as mmeb
-from unime_jax.data import mmeb_train
-from unime_jax.demo.tokenizers import build_tokenizer
+import unime_jax.datasets as uds
+from unime_jax.data import pairs
+from unime_jax.datasets import mmeb_rows, mmeb_train
+from unime_jax.errors import DataError
+from unime_jax.preprocess.images import load_image
 
 LONG = " ".join(["word"] * 200)
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer("qwen2")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """An image root with good, empty, corrupt and missing images, and three input files."""
+def manual(tmp_path_factory):
+    """A manual dir: good, empty, corrupt and missing images, three row files (sorted: mixed,
+    retrieval, vqa) and one that is not UTF-8; an image outside it."""
     base = tmp_path_factory.mktemp("mmeb")
-    root = base / "root"
+    root = base / "manual"
     (root / "images" / "sub").mkdir(parents=True)
     rng = np.random.default_rng(0)
 
@@ -42,173 +43,169 @@ def data(tmp_path_factory):
     def row(qry="<|image_1|> What is shown?", qi="images/red.png", pos="red", pi=""):
         return {"qry": qry, "qry_image_path": qi, "pos_text": pos, "pos_image_path": pi}
 
-    vqa = [  # vqa.jsonl: row index -> expected outcome
-        row(),  # 0 good
-        row(qi="images/nope.png"),  # 1 missing_image
-        row(qi="images/empty.png"),  # 2 empty_image_file
-        row(qi="images/corrupt.jpg"),  # 3 corrupt_image
-        row(qi="../outside.png"),  # 4 image_outside_root
-        row(qi=str(root / "images" / "red.png")),  # 5 image_outside_root (absolute)
-        row(qry="", qi=""),  # 6 empty_query
-        row(pos="  "),  # 7 empty_target
-        row(qi=""),  # 8 placeholder_mismatch: placeholder, no image
-        row(
-            qry="Find the image", qi="", pos="x", pi="images/blue.jpg"
-        ),  # 9 mismatch: no placeholder
-        row(qry=LONG, qi="", pos="text"),  # 10 too_long (with a tokenizer)
-        None,  # 11 malformed_row: not JSON
-        row(pos="<|image_1|> Represent it", pi="images/sub/../blue.jpg"),  # 12 good, normalised
-        {**row(), "qry": 5},  # 13 malformed_row: not a string
-        row(qi="images/sub/../../images/sub/green.png"),  # 14 good
-    ]
-    lines = [json.dumps(r) if r is not None else "{not json" for r in vqa]
-    (base / "vqa.jsonl").write_text("\n".join(lines[:5]) + "\n\n" + "\n".join(lines[5:]) + "\n")
-
+    # mixed.parquet comes first: nights 0-2 and vqa 0; vqa.jsonl continues at vqa row 1.
+    mixed = [{**row(), "dataset": d} for d in ("nights", "nights", "vqa", "nights")]
+    mixed[1]["qry_image_path"] = "images/nope.png"
+    pq.write_table(pa.Table.from_pylist(mixed), root / "mixed.parquet")
     retrieval = [
         row(qry="a red picture", qi="", pos="<|image_1|>", pi="images/red.png"),
         row(qry="a blue picture", qi="", pos="<|image_1|>", pi="images/blue.jpg"),
         row(qi="images/corrupt.jpg"),
         row(qry="Find a caption", qi="", pos=None, pi=None),  # empty_target (nulls)
     ]
-    pq.write_table(pa.Table.from_pylist(retrieval), base / "retrieval.parquet")
-
-    mixed = [{**row(), "dataset": d} for d in ("nights", "nights", "vqa", "nights")]
-    mixed[1]["qry_image_path"] = "images/nope.png"
-    pq.write_table(pa.Table.from_pylist(mixed), base / "mixed.parquet")
-
-    inputs = [base / "vqa.jsonl", base / "retrieval.parquet", base / "mixed.parquet"]
-    return base, root, inputs
+    pq.write_table(pa.Table.from_pylist(retrieval), root / "retrieval.parquet")
+    vqa = [  # vqa row = index + 1 -> expected outcome
+        row(),  # 1 good
+        row(qi="images/nope.png"),  # 2 missing_image
+        row(qi="images/empty.png"),  # 3 empty_image_file
+        row(qi="images/corrupt.jpg"),  # 4 corrupt_image
+        row(qi="../outside.png"),  # 5 image_outside_root
+        row(qi=str(root / "images" / "red.png")),  # 6 image_outside_root (absolute)
+        row(qry="", qi=""),  # 7 empty_query
+        row(pos="  "),  # 8 empty_target
+        row(qi=""),  # 9 placeholder_mismatch: placeholder, no image
+        row(qry="Find the image", qi="", pos="x", pi="images/blue.jpg"),  # 10 no placeholder
+        row(qry=LONG, qi="", pos="text"),  # 11 good: length is training's business
+        None,  # 12 malformed_row: not JSON
+        row(pos="<|image_1|> Represent it", pi="images/sub/../blue.jpg"),  # 13 good, normalised
+        {**row(), "qry": 5},  # 14 malformed_row: not a string
+        row(qi="images/sub/../../images/sub/green.png"),  # 15 good
+    ]
+    lines = [json.dumps(r) if r is not None else "{not json" for r in vqa]
+    (root / "vqa.jsonl").write_text("\n".join(lines[:5]) + "\n\n" + "\n".join(lines[5:]) + "\n")
+    (root / "zz_extra.jsonl").write_bytes(b'{"qry": "caf\xe9"}\n')  # not UTF-8
+    return root
 
 
 EXPECTED_BAD = {
-    "malformed_row": [["vqa", 11], ["vqa", 13]],
-    "empty_query": [["vqa", 6]],
-    "empty_target": [["vqa", 7], ["retrieval", 3]],
-    "placeholder_mismatch": [["vqa", 8], ["vqa", 9]],
-    "image_outside_root": [["vqa", 4], ["vqa", 5]],
-    "missing_image": [["vqa", 1], ["nights", 1]],
-    "empty_image_file": [["vqa", 2]],
-    "corrupt_image": [["vqa", 3], ["retrieval", 2]],
-    "too_long": [["vqa", 10]],
+    "malformed_row": [["vqa", 12], ["vqa", 14], ["zz_extra", 0]],
+    "empty_query": [["vqa", 7]],
+    "empty_target": [["retrieval", 3], ["vqa", 8]],
+    "placeholder_mismatch": [["vqa", 9], ["vqa", 10]],
+    "image_outside_root": [["vqa", 5], ["vqa", 6]],
+    "missing_image": [["nights", 1], ["vqa", 2]],
+    "empty_image_file": [["vqa", 3]],
+    "corrupt_image": [["retrieval", 2], ["vqa", 4]],
 }
-GOOD = [("vqa", 0), ("vqa", 12), ("vqa", 14), ("retrieval", 0), ("retrieval", 1)]
-GOOD += [("nights", 0), ("vqa", 15), ("nights", 2)]  # mixed.parquet continues vqa's row count
+GOOD = [("nights", 0), ("vqa", 0), ("nights", 2), ("retrieval", 0), ("retrieval", 1)]
+GOOD += [("vqa", 1), ("vqa", 11), ("vqa", 13), ("vqa", 15)]
 
 
-def test_report_counts_every_bad_row(data, tokenizer, tmp_path):
-    _, root, inputs = data
-    report = mmeb.convert(
-        inputs, root, tmp_path / "out", tokenizer=tokenizer, max_text_tokens=64, progress=False
-    )
-    assert report.bad_rows == EXPECTED_BAD
-    assert report.by_reason == {k: len(v) for k, v in EXPECTED_BAD.items()}
-    assert (report.rows_read, report.kept, report.excluded) == (23, 8, 15)
-    vqa_bad = {k: sum(d == "vqa" for d, _ in v) for k, v in EXPECTED_BAD.items()}
-    assert report.by_dataset["vqa"] == {"read": 16, "kept": 4, "excluded": 12, **vqa_bad}
-    assert report.by_dataset["retrieval"] == {
-        "read": 4,
-        "kept": 2,
-        "excluded": 2,
-        "corrupt_image": 1,
-        "empty_target": 1,
-    }
-    saved = json.loads((tmp_path / "out" / mmeb.REPORT).read_text())
-    assert saved == json.loads(json.dumps(report.to_dict()))
-    assert list(saved["by_reason"]) == [r for r in mmeb.REASONS if r in EXPECTED_BAD]
-    assert "too_long" in report.table() and "vqa/10" in report.table()
-
-    # The records, in input order, with normalised relative image paths.
-    source = mmeb_train.open_dataset(tmp_path / "out")
-    records = [source[i] for i in range(len(source))]
-    assert [(r["dataset"], r["row"]) for r in records] == GOOD
-    assert records[1]["pos_image_path"] == str(root / "images" / "blue.jpg")
-    assert records[2]["qry_image_path"] == str(root / "images" / "sub" / "green.png")
-    assert records[0]["pos_image_path"] is None
-    assert records[3] == {
-        "qry": "a red picture",
-        "qry_image_path": None,
-        "pos_text": "<|image_1|>",
-        "pos_image_path": str(root / "images" / "red.png"),
-        "dataset": "retrieval",
-        "row": 0,
-    }
-    other = mmeb_train.open_dataset(tmp_path / "out", image_root="/elsewhere")
-    assert other[1]["pos_image_path"] == "/elsewhere/images/blue.jpg"
-
-    manifest = json.loads((tmp_path / "out" / mmeb.MANIFEST).read_text())
-    assert manifest["count"] == 8
-    assert manifest["image_root"] == str(root)
-    assert manifest["datasets"] == {"nights": 2, "retrieval": 2, "vqa": 4}
-    assert [s["path"] for s in manifest["sources"]] == [str(p) for p in inputs]
-    assert manifest["sources"][2]["rows"] == {"nights": 3, "vqa": 1}
-    for s in manifest["sources"]:
-        assert len(s["sha256"]) == 64
-    raw = json.loads(source._source[0])
-    assert set(raw) == set(mmeb.RECORD_KEYS)
-    assert raw["qry_image_path"] == "images/red.png" and raw["pos_image_path"] == ""
+def build(manual, data_dir, config="all"):
+    return uds.prepare("mmeb_train", data_dir=data_dir, config=config, manual_dir=manual)
 
 
-def test_without_tokenizer_long_rows_are_kept(data, tmp_path):
-    _, root, inputs = data
-    report = mmeb.convert(inputs, root, tmp_path / "out", progress=False)
-    assert "too_long" not in report.by_reason and report.kept == 9
-    with pytest.raises(ValueError, match="needs a tokenizer"):
-        mmeb.convert(inputs, root, tmp_path / "x", max_text_tokens=5, progress=False)
+@pytest.fixture(scope="module")
+def built(manual, tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("tfds")
+    build(manual, data_dir)
+    return data_dir
 
 
-def test_deterministic_sharded_and_atomic(data, tokenizer, tmp_path, monkeypatch):
-    _, root, inputs = data
-    kwargs = dict(tokenizer=tokenizer, max_text_tokens=64, num_shards=3, progress=False)
-    mmeb.convert(inputs, root, tmp_path / "a", **kwargs)
-    mmeb.convert(inputs, root, tmp_path / "b", **kwargs)
-    shards = sorted(p.name for p in (tmp_path / "a").glob("*.array_record"))
-    assert shards == [f"mmeb-0000{i}-of-00003.array_record" for i in range(3)]
-    for name in [*shards, mmeb.REPORT]:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    manifest = json.loads((tmp_path / "a" / mmeb.MANIFEST).read_text())
-    assert [s["count"] for s in manifest["shards"]] == [2, 3, 3]
-    assert len(mmeb_train.open_dataset(tmp_path / "a")) == 8
-
-    with pytest.raises(FileExistsError):
-        mmeb.convert(inputs, root, tmp_path / "a", **kwargs)
-    mmeb.convert(inputs, root, tmp_path / "a", **(kwargs | {"num_shards": 1}), overwrite=True)
-    assert len(list((tmp_path / "a").glob("*.array_record"))) == 1
-
-    def crash(*args):
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(mmeb, "_write_shards", crash)
-    with pytest.raises(RuntimeError, match="disk full"):
-        mmeb.convert(inputs, root, tmp_path / "c", **kwargs)
-    with pytest.raises(RuntimeError, match="disk full"):  # an existing dataset stays intact
-        mmeb.convert(inputs, root, tmp_path / "a", **kwargs, overwrite=True)
-    assert not (tmp_path / "c").exists()
-    assert len(mmeb_train.open_dataset(tmp_path / "a")) == 8
-    assert sorted(os.listdir(tmp_path)) == ["a", "b"]  # no temporary directories left
-
-
-def test_max_rows_per_dataset(data, tmp_path):
-    _, root, inputs = data
-    report = mmeb.convert(inputs, root, tmp_path / "out", max_rows_per_dataset=2, progress=False)
-    assert report.rows_read == 6
-    assert report.beyond_limit == {"vqa": 14, "retrieval": 2, "nights": 1}
-    assert report.bad_rows == {"missing_image": [["vqa", 1], ["nights", 1]]}
-    source = mmeb_train.open_dataset(tmp_path / "out")
-    rows = [(source[i]["dataset"], source[i]["row"]) for i in range(len(source))]
-    assert rows == [("vqa", 0), ("retrieval", 0), ("retrieval", 1), ("nights", 0)]
-
-
-def test_cli(data, tokenizer, tmp_path, capsys):
-    _, root, inputs = data
-    tokenizer.save_pretrained(tmp_path / "tok")
-    args = [f"--input={p}" for p in inputs]
-    args += ["--image-root", str(root), "--out", str(tmp_path / "out"), "--no-progress"]
-    args += ["--tokenizer", str(tmp_path / "tok"), "--max-text-tokens", "64"]
-    assert mmeb.main(args) == 0
-    out = capsys.readouterr().out
-    assert "wrote 8 records" in out and "excluded 15" in out
-    assert "missing_image" in out  # the table
-    report = json.loads((tmp_path / "out" / mmeb.REPORT).read_text())
+def test_report_counts_every_bad_row(built, manual):
+    report = uds.mmeb_train.report(data_dir=built)
+    sources = report.pop("sources")
+    assert [s["path"] for s in sources] == [
+        str(manual / n)
+        for n in ("mixed.parquet", "retrieval.parquet", "vqa.jsonl", "zz_extra.jsonl")
+    ]
+    assert sources[0]["rows"] == {"nights": 3, "vqa": 1} and len(sources[0]["sha256"]) == 64
     assert report["bad_rows"] == EXPECTED_BAD
-    with pytest.raises(SystemExit):
-        mmeb.main([*args[:3], "--image-root", str(root), "--out", "x", "--max-text-tokens", "3"])
+    assert report["by_reason"] == {k: len(v) for k, v in EXPECTED_BAD.items()}
+    assert list(report["by_reason"]) == [r for r in mmeb_rows.REASONS if r in EXPECTED_BAD]
+    assert (report["rows_read"], report["kept"], report["excluded"]) == (24, 9, 15)
+    assert report["by_dataset"]["retrieval"] == {
+        "read": 4, "kept": 2, "excluded": 2, "corrupt_image": 1, "empty_target": 1,
+    }  # fmt: skip
+    assert report["malformed"]["zz_extra/0"] == (
+        "zz_extra.jsonl line 1: not UTF-8 (invalid continuation byte at byte 12)"
+    )
+    assert report["malformed"]["vqa/12"].startswith("vqa.jsonl line 13: not JSON")
+
+
+def test_records_hold_the_files_bytes_in_input_order(built, manual):
+    source = uds.source("mmeb_train", "train", data_dir=built, config="all")
+    items = list(source)
+    assert [(x["dataset"], x["row"]) for x in items] == GOOD
+    raw = tfds.data_source(
+        "mmeb_train/all", split="train", data_dir=built, download=False,
+        decoders=mmeb_train.DECODERS,
+    )  # fmt: skip
+    assert raw[7]["pos_image"] == [(manual / "images" / "blue.jpg").read_bytes()]
+    assert raw[7]["pos_image_path"] == b"images/blue.jpg"  # normalised
+    assert raw[8]["qry_image_path"] == b"images/sub/green.png"
+    assert raw[3]["qry_image"] == [] and items[3]["qry_image"] is None
+    np.testing.assert_array_equal(
+        np.asarray(load_image(items[3]["pos_image"])),
+        np.asarray(load_image(manual / "images" / "red.png")),
+    )
+    assert items[3]["qry"] == "a red picture" and items[3]["pos_text"] == "<|image_1|>"
+    assert pairs.normalize_record(items[3])["id"] == "retrieval/0"
+
+
+def test_per_dataset_configs_and_row_limits(built, manual, tmp_path):
+    # A one-dataset config keeps the row numbers the dataset has in `all`.
+    config = mmeb_train.MmebTrainConfig(name="nights_only", subset="nights")
+    build(manual, tmp_path, config)
+    nights = uds.source("mmeb_train", "train", data_dir=tmp_path, config=config)
+    assert [(x["dataset"], x["row"]) for x in nights] == [g for g in GOOD if g[0] == "nights"]
+    first2 = mmeb_train.MmebTrainConfig(name="first2", max_rows_per_dataset=2)
+    build(manual, tmp_path, first2)
+    report = uds.mmeb_train.report(data_dir=tmp_path, config=first2)
+    assert report["rows_read"] == 7
+    assert report["beyond_limit"] == {"nights": 1, "retrieval": 2, "vqa": 14}
+    assert report["bad_rows"] == {
+        "malformed_row": [["zz_extra", 0]],
+        "missing_image": [["nights", 1]],
+    }
+    rows = uds.source("mmeb_train", "train", data_dir=tmp_path, config=first2)
+    assert [(x["dataset"], x["row"]) for x in rows] == [
+        ("nights", 0), ("vqa", 0), ("retrieval", 0), ("retrieval", 1), ("vqa", 1)
+    ]  # fmt: skip
+
+
+def test_deterministic_and_a_crash_leaves_nothing_prepared(built, manual, tmp_path, monkeypatch):
+    again = tmp_path / "again"
+    build(manual, again)
+    ours = sorted((built / "mmeb_train" / "all" / "1.0.0").glob("*.array_record*"))
+    theirs = sorted((again / "mmeb_train" / "all" / "1.0.0").glob("*.array_record*"))
+    assert [p.name for p in ours] == [p.name for p in theirs] and ours
+    for a, b in zip(ours, theirs):
+        assert a.read_bytes() == b.read_bytes()
+
+    calls = {"n": 0}
+    real = mmeb_rows.Validator.row
+
+    def crash_on_fifth(self, row):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("disk full")
+        return real(self, row)
+
+    monkeypatch.setattr(mmeb_rows.Validator, "row", crash_on_fifth)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build(manual, tmp_path / "crashed")
+    with pytest.raises(DataError, match="is not prepared") as e:
+        uds.source("mmeb_train", "train", data_dir=tmp_path / "crashed", config="all")
+    assert "python -m unime_jax.datasets build mmeb_train --config all" in e.value.fix
+
+
+def test_without_row_files_says_what_to_download(tmp_path):
+    (tmp_path / "manual").mkdir()
+    (tmp_path / "manual" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="no row files") as e:
+        build(tmp_path / "manual", tmp_path / "tfds")
+    assert "TIGER-Lab/MMEB-train" in str(e.value)
+
+
+def test_hf_layout_names_datasets_by_folder(manual, tmp_path):
+    root = tmp_path / "hf"
+    shutil.copytree(manual / "images", root / "images")
+    (root / "OK-VQA").mkdir()
+    row = {"qry": "<|image_1|> q", "qry_image_path": "images/red.png", "pos_text": "a"}
+    rows = [row | {"pos_image_path": ""}] * 2
+    pq.write_table(pa.Table.from_pylist(rows), root / "OK-VQA" / "original-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:1]), root / "OK-VQA" / "diverse-00000.parquet")
+    build(root, tmp_path / "tfds")
+    got = uds.source("mmeb_train", "train", data_dir=tmp_path / "tfds", config="all")
+    assert [(x["dataset"], x["row"]) for x in got] == [("OK-VQA", 0), ("OK-VQA", 1)]

@@ -19,23 +19,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.resume_trial import small_demo
 from unime_jax.train_log import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
-ARGS = [
-    "--config=configs/stage2.py:demo",
-    "--config.batch_size=16",
-    "--config.num_chunks=2",
-    f"--config.num_steps={STEPS}",
-    "--config.warmup_steps=2",
-    "--config.log_every=1",
-    "--config.checkpoint_every=2",
-    "--config.demo_train_rows=96",
-    "--config.demo_eval_size=0",
-    "--config.query_length=48",
-    "--config.target_length=48",
-]
+ARGS = small_demo(STEPS)
 
 
 def free_port() -> int:

@@ -10,13 +10,14 @@ import pytest
 import scipy.stats
 from flax import nnx
 
+import unime_jax.datasets as uds
 from configs import stage1 as stage1_config
 from configs import stage2 as stage2_config
 from unime_jax import inference, sharding, stages, steps, teacher, train
 from unime_jax.data.sentences import SentenceTransform, open_sentences
 from unime_jax.demo.world import sets as world
 from unime_jax.embedder import Embedder
-from unime_jax.errors import UsageError
+from unime_jax.errors import DataError, UsageError
 from unime_jax.families.llava import ONEVISION
 from unime_jax.models.lora import apply_lora
 from unime_jax.preprocess.text import truncate
@@ -49,18 +50,32 @@ def tiny_cfg(**overrides):
     return cfg
 
 
+def nli_dataset(root, rows):
+    """An nli_simcse dataset of ``rows`` prepared in ``root/tfds``: (records, checksum)."""
+    teacher.write_nli_csv(root / "manual" / "nli.csv", rows)
+    uds.prepare("nli_simcse", data_dir=root / "tfds", manual_dir=root / "manual")
+    checksum = uds.nli_simcse.recorded(data_dir=root / "tfds")["corpus_sha256"]
+    return uds.source("nli_simcse", "train", data_dir=root / "tfds"), checksum
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
+    """Config overrides: 24 demo NLI rows as nli_simcse, with HashTeacher vectors."""
     root = tmp_path_factory.mktemp("corpus")
-    path = stage1.write_nli_csv(root / "nli.csv", world.nli_rows(0, 24))
-    teacher.precompute(teacher.read_corpus(path, verbose=False), root / "t", teacher=HashTeacher())
-    return path, root / "t"
+    nli_dataset(root, world.nli_rows(0, 24))
+    teacher.precompute(uds.nli_corpus(data_dir=root / "tfds"), root / "t", teacher=HashTeacher())
+    return {
+        "corpus": "nli_simcse",
+        "data_dir": str(root / "tfds"),
+        "teacher_dir": str(root / "t"),
+        "eval_corpus": "",
+    }
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, corpus):
     """Text-only demo model, stage-1 data and optimiser on the 8-device mesh."""
-    cfg = tiny_cfg(corpus=str(corpus[0]), teacher_dir=str(corpus[1]))
+    cfg = tiny_cfg(**corpus)
     mesh = sharding.make_mesh(dict(cfg.mesh))
     directory = train.resolve_model(cfg, str(tmp_path_factory.mktemp("demo")))
     stage = stages.get(1)
@@ -104,14 +119,14 @@ def test_batches_carry_teacher_vectors(setup):
 
 
 def test_teacher_files_of_another_corpus_are_refused(tmp_path, corpus):
-    other = stage1.write_nli_csv(tmp_path / "other.csv", world.nli_rows(5, 24))
+    other = nli_dataset(tmp_path / "other", world.nli_rows(5, 24))
     with pytest.raises(ValueError, match="do not belong to"):
-        open_sentences(other, corpus[1])
-    shorter = stage1.write_nli_csv(tmp_path / "short.csv", world.nli_rows(0, 20))
+        open_sentences(*other, corpus["teacher_dir"])
+    shorter = nli_dataset(tmp_path / "short", world.nli_rows(0, 20))
     with pytest.raises(ValueError, match=r"count|checksum"):
-        open_sentences(shorter, corpus[1])
+        open_sentences(*shorter, corpus["teacher_dir"])
     with pytest.raises(ValueError, match="run the teacher precompute"):
-        open_sentences(corpus[0], tmp_path / "missing")
+        open_sentences(*shorter, tmp_path / "missing")
 
 
 def test_only_the_llm_is_built(setup):
@@ -157,12 +172,24 @@ def test_spearman_matches_scipy():
     assert stage1.spearman(a, b) == pytest.approx(scipy.stats.spearmanr(a, b).statistic, abs=1e-9)
 
 
-def test_config_validation(tmp_path):
+def test_config_validation(tmp_path, corpus):
     mesh = sharding.make_mesh()
     real = stage1_config.get_config()
     real.model = "/some/model"
-    with pytest.raises(UsageError, match="teacher embeddings"):
+    real.data_dir = str(tmp_path / "empty")
+    with pytest.raises(DataError, match=r"nli_simcse/1\.0\.0 is not prepared") as e:
         train.validate(real, mesh, stages.get(1))
+    assert "python -m unime_jax.datasets build nli_simcse" in e.value.fix
+    real.data_dir = corpus["data_dir"]
+    with pytest.raises(UsageError, match="teacher_dir='' is not a directory") as e:
+        train.validate(real, mesh, stages.get(1))
+    assert "python -m unime_jax.teacher --dataset nli_simcse" in e.value.fix
+    real.corpus = "nli_simcse:nope"
+    with pytest.raises(UsageError, match="no split 'nope'"):
+        train.validate(real, mesh, stages.get(1))
+    real.corpus = "csv/nli.csv"
+    with pytest.raises(UsageError, match="does not name a dataset"):
+        train.validate(real, mesh, stages.get(1), check_files=False)
     with pytest.raises(ValueError, match="unknown stage-1 preset"):
         stage1_config.get_config("nope")
 
@@ -179,8 +206,8 @@ def test_demo_chain_stage1_merged_then_stage2(tmp_path):
 
     # Merge then reload equals the trained (unmerged LoRA) forward: same agreement numbers.
     model = inference.load_pretrained(merged, mesh=sharding.make_mesh(), text_only=True)
-    eval_set = open_sentences(s1 / "demo_data" / "eval.csv", s1 / "demo_data" / "teacher_eval")
-    cfg = tiny_cfg()
+    cfg = stages.get(1).prepare(tiny_cfg(), str(s1))  # finds the teacher files it wrote
+    eval_set = stage1.open_corpus(cfg, "eval_corpus")
     reloaded = stage1.teacher_agreement(
         Embedder(model, batch_size=64, progress=False),
         eval_set,
@@ -217,9 +244,7 @@ def test_demo_chain_stage1_merged_then_stage2(tmp_path):
 
 def test_resume_continues_exactly(tmp_path, corpus):
     """The shared loop resumes stage 1 too: sentence-iterator state and train state restored."""
-    cfg = tiny_cfg(
-        corpus=str(corpus[0]), teacher_dir=str(corpus[1]), eval_corpus="", export_merged=False
-    )
+    cfg = tiny_cfg(**corpus, export_merged=False)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train.run(cfg, str(straight))
     train.run(cfg, str(resumed))

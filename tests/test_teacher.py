@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import unime_jax.datasets as uds
 from unime_jax import teacher as T
 
 pytest.importorskip("torch")
@@ -351,8 +352,9 @@ def test_transformers_fallback_matches_sentence_transformers(minilm):
 
 
 def test_cli(tmp_path, capsys):
-    csv = tmp_path / "nli.csv"
-    csv.write_text(
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    (manual / "nli.csv").write_text(
         textwrap.dedent(
             """\
             sent0,sent1,hard_neg
@@ -361,9 +363,12 @@ def test_cli(tmp_path, capsys):
             """
         )
     )
+    data_dir = tmp_path / "tfds"
+    uds.prepare("nli_simcse", data_dir=data_dir, manual_dir=manual)
     out = tmp_path / "emb"
-    argv = ["--corpus", str(csv), "--out", str(out), "--batch-size", "2", "--dtype", "float16"]
-    assert T.main([*argv, "--no-progress"]) == 0
+    argv = ["--dataset", "nli_simcse", "--data_dir", str(data_dir), "--out", str(out)]
+    argv += ["--batch-size", "2", "--dtype", "float16", "--no-progress"]
+    assert T.main(argv) == 0
     text = capsys.readouterr()
     assert "all-MiniLM-L6-v2" in text.out and "dim 384" in text.out and "rows     5" in text.out
     assert "1:sent1" in text.out and "1 empty" in text.out
@@ -375,10 +380,19 @@ def test_cli(tmp_path, capsys):
     e = emb.astype(np.float32)
     assert e[0] @ e[1] > e[0] @ e[2] + 0.4
 
-    csv.write_text("sent0,sent1,hard_neg\nsomething else entirely,b,c\n")
-    assert T.main([*argv, "--no-progress"]) == 1
-    assert "different corpus" in capsys.readouterr().err
-    assert T.main([*argv, "--no-progress", "--overwrite"]) == 0
+    # Another corpus into the same output: refused (exit 1, error + Fix), unless --overwrite.
+    (manual / "nli.csv").write_text("sent0,sent1,hard_neg\nsomething else entirely,b,c\n")
+    uds.prepare("nli_simcse", data_dir=tmp_path / "other", manual_dir=manual)
+    argv[3] = str(tmp_path / "other")
+    assert T.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "different corpus" in err and "\nFix: " in err and "Traceback" not in err
+    assert T.main([*argv, "--overwrite"]) == 0
+    # An unprepared dataset or a malformed name: the build command / the NAME form.
+    assert T.main([*argv[:3], str(tmp_path / "none"), *argv[4:]]) == 1
+    assert "python -m unime_jax.datasets build nli_simcse" in capsys.readouterr().err
+    assert T.main(["--dataset", "nli.csv", *argv[2:]]) == 2
+    assert "NAME[/CONFIG][:SPLIT]" in capsys.readouterr().err
 
 
 def test_import_needs_no_torch():

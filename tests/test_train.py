@@ -3,10 +3,8 @@ GradCache chunking does not change the update, LoRA-only updates), checkpoints a
 after kill -9 and SIGTERM, metrics files."""
 
 import json
-import os
+import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,8 +15,9 @@ import pytest
 from flax import nnx
 
 from configs import stage2
+from tests import resume_trial
 from unime_jax import inference, sharding, stages, steps, train
-from unime_jax.errors import UsageError
+from unime_jax.errors import DataError, UsageError
 from unime_jax.train_log import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,8 +72,9 @@ def test_config_validation():
     with pytest.raises(UsageError, match=r"set --config\.model"):
         train.validate(real, mesh, stage)
     real.model = "/some/model"
-    with pytest.raises(UsageError, match="convert MMEB-train"):
+    with pytest.raises(DataError, match=r"mmeb_train/all/1\.0\.0 is not prepared") as e:
         train.validate(real, mesh, stage)
+    assert "python -m unime_jax.datasets build mmeb_train --config all" in e.value.fix
     # The paper preset picks its chunk count from the mesh: one row per device per chunk.
     assert train.num_chunks(real, 8) == 128 and train.num_chunks(real, 32) == 32
     for key, value in [("batch_size", -4), ("lr", 0.0), ("lora_dropout", 1.0), ("remat", "x")]:
@@ -187,41 +187,10 @@ def test_metrics_and_results_files(tmp_path):
     assert json.loads((tmp_path / "final_state_digest.json").read_text())["step"] == 2
 
 
-def _run_cli(workdir, *extra, wait=True):
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
-    args = [
-        sys.executable,
-        "-m",
-        "unime_jax.main",
-        "--config=configs/stage2.py:demo",
-        f"--workdir={workdir}",
-        "--config.batch_size=16",
-        "--config.num_chunks=2",
-        "--config.num_steps=8",
-        "--config.warmup_steps=2",
-        "--config.log_every=1",
-        "--config.checkpoint_every=2",
-        "--config.demo_train_rows=96",
-        "--config.demo_eval_size=0",
-        "--config.query_length=48",
-        "--config.target_length=48",
-        *extra,
-    ]
-    proc = subprocess.Popen(
-        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    if wait:
-        out = proc.communicate(timeout=600)[0]
-        assert proc.returncode == 0, out[-3000:]
-    return proc
-
-
 def _final_params(workdir):
-    return ocp.StandardCheckpointer().restore(Path(workdir) / "checkpoints" / "8" / "state")[
-        "trainable"
-    ]
+    return ocp.StandardCheckpointer().restore(
+        Path(workdir) / "checkpoints" / str(resume_trial.STEPS) / "state"
+    )["trainable"]
 
 
 def _wait_for_checkpoint(workdir, step, proc, timeout=600):
@@ -232,29 +201,84 @@ def _wait_for_checkpoint(workdir, step, proc, timeout=600):
         time.sleep(0.2)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference of the resume tests: the demo with LoRA dropout and the InfoNCE ->
+    hard-negative switch inside the run (see tests/resume_trial.py)."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    resume_trial.run(workdir)
+    return workdir
+
+
 @pytest.mark.slow
-def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
-    reference = tmp_path / "reference"
-    _run_cli(reference)
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
     killed = tmp_path / "killed"
-    proc = _run_cli(killed, wait=False)
-    _wait_for_checkpoint(killed, 4, proc)
+    proc = resume_trial.start(killed)
+    _wait_for_checkpoint(killed, 4, proc)  # the step-4 directory appears: possibly mid-save
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    _run_cli(killed)
-    jax.tree.map(np.testing.assert_array_equal, _final_params(killed), _final_params(reference))
+    resume_trial.run(killed)
+    jax.tree.map(np.testing.assert_array_equal, _final_params(killed), _final_params(uninterrupted))
+    assert resume_trial.outcome(killed) == resume_trial.outcome(uninterrupted)
     # The step log of the resumed run continues where the checkpoint was.
-    assert read_jsonl(killed / "metrics.jsonl")[-1]["step"] == 8
+    assert read_jsonl(killed / "metrics.jsonl")[-1]["step"] == resume_trial.STEPS
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    proc = _run_cli(tmp_path, wait=False)
+@pytest.mark.parametrize("seed", [3])  # benchmarks/resume_trials.py runs many more
+def test_killed_at_random_moments_ends_bit_identical(tmp_path, uninterrupted, seed):
+    result = resume_trial.trial(tmp_path / "run", uninterrupted, seed=seed, kills=2, span=30)
+    assert result["identical"], result
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tmp_path, uninterrupted):
+    proc = resume_trial.start(tmp_path)
     _wait_for_checkpoint(tmp_path, 2, proc)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-3000:]
+    stopped = int(re.search(r"stopping at step (\d+)", out).group(1))
+    assert stopped < resume_trial.STEPS
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert "stopping at step" in out and saved[-1] < 8
-    _run_cli(tmp_path)
-    assert (tmp_path / "checkpoints" / "8").exists()
+    assert saved[-1] == stopped  # the step it stopped at is saved, not only the last periodic one
+    resume_trial.run(tmp_path)
+    jax.tree.map(
+        np.testing.assert_array_equal, _final_params(tmp_path), _final_params(uninterrupted)
+    )
+
+
+def test_paper_preset_features_train_and_remat_is_exact(tmp_path):
+    """What the paper presets use and the demo does not: the hard-negative loss from step 0,
+    LoRA with dropout, recomputation (remat: in float32 it changes no loss value at all) and a
+    bfloat16 frozen base (trains, finite)."""
+    losses = {}
+    for name, dtype, remat in (("fp32", "float32", "none"), ("fp32_remat", "float32", "full"),
+                               ("bf16_remat", "bfloat16", "full")):  # fmt: skip
+        cfg = tiny_cfg(
+            loss="hard_negative",
+            infonce_steps=0,
+            dtype=dtype,
+            lora_rank=4,
+            lora_alpha=8.0,
+            lora_dropout=0.1,
+            remat=remat,
+            num_steps=3,
+            warmup_steps=0,
+            lr=1e-3,
+            export_merged=False,
+        )
+        train.run(cfg, str(tmp_path / name))
+        rows = read_jsonl(tmp_path / name / "metrics.jsonl")
+        losses[name] = [r["loss"] for r in rows]
+        assert all(np.isfinite(losses[name])) and rows[-1]["skipped_steps"] == 0
+        assert "hard_negative_loss" not in rows[0] and "false_negative_share" in rows[0]
+    np.testing.assert_allclose(losses["fp32_remat"], losses["fp32"], rtol=1e-6)
+    np.testing.assert_allclose(losses["bf16_remat"], losses["fp32"], rtol=5e-2)  # bf16 rounding
+    restored = ocp.StandardCheckpointer().restore(
+        tmp_path / "bf16_remat" / "checkpoints" / "3" / "state"
+    )
+    lora_b = [v for p, v in jax.tree_util.tree_flatten_with_path(restored["trainable"])[0]
+              if "lora_b" in jax.tree_util.keystr(p)]  # fmt: skip
+    assert lora_b and all(v.dtype == np.float32 for v in lora_b)  # adapters stay float32
+    assert any(np.abs(v).sum() > 0 for v in lora_b)  # and trained

@@ -4,11 +4,12 @@
 #   tpu_scripts/launch.sh [--skip-aot-check] TPU_NAME ZONE CONFIG WORKDIR [--config.x=y ...]
 # Example:
 #   tpu_scripts/launch.sh my-v5e-32 us-west4-a configs/stage2.py /mnt/shared/runs/s2 \
-#     --config.model=/mnt/ckpt/llava-onevision-qwen2-7b-ov-hf --config.train_data=/mnt/data/mmeb
+#     --config.model=/mnt/ckpt/llava-onevision-qwen2-7b-ov-hf --config.data_dir=/mnt/data/tfds
 # First the step is compiled for the slice's own accelerator type (python -m unime_jax.aot on
 # worker 0, no TPU claimed): a step that does not fit the slice's HBM is not launched
 # (--skip-aot-check launches anyway). Model and data paths must exist on every worker (a shared
-# disk or a copy per host). WORKDIR must be one directory that all hosts see (Filestore/NFS, or a
+# disk or a copy per host; the data is the TFDS data dir prepared by `python -m
+# unime_jax.datasets build mmeb_train ...`). WORKDIR must be one directory that all hosts see (Filestore/NFS, or a
 # bucket mounted with gcsfuse): orbax writes each host's shards of a checkpoint there; process 0
 # writes metrics and results. Logs of each worker go to ~/unime_jax/train.log there; rerun the
 # same command to resume.

@@ -34,7 +34,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from unime_jax.errors import UsageError, run_main
+from unime_jax.errors import UsageError, config_value, flags_parser, run_main
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file, optionally :preset."
@@ -430,12 +430,10 @@ def main(argv: list[str]) -> None:
     jax.config.update("jax_platforms", "cpu")
 
     def go() -> int:
-        if _CONFIG.value is None:
-            raise UsageError("--config is required", "e.g. --config=configs/stage2.py")
-        return run(_CONFIG.value, _TOPOLOGY.value)
+        return run(config_value(_CONFIG), _TOPOLOGY.value)
 
     sys.exit(run_main(go))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=flags_parser("check the flag and the keys of configs/stage*.py"))

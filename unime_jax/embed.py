@@ -15,6 +15,7 @@ import numpy as np
 
 from unime_jax import sharding
 from unime_jax.embedder import Embedder, similarity
+from unime_jax.errors import ArgumentParser, UsageError, run_main
 
 
 def parse_mesh(spec: str | None) -> dict[str, int] | None:
@@ -24,7 +25,9 @@ def parse_mesh(spec: str | None) -> dict[str, int] | None:
     try:
         return {k: int(v) for k, v in (part.split("=") for part in spec.split(","))}
     except ValueError as e:
-        raise SystemExit(f"--mesh must look like data=2,fsdp=4 (got {spec!r})") from e
+        raise UsageError(
+            f"--mesh={spec!r} is not a mesh shape", "write it like data=2,fsdp=4"
+        ) from e
 
 
 def format_matrix(matrix: np.ndarray, rows: list[str], cols: list[str], width: int = 28) -> str:
@@ -38,8 +41,10 @@ def format_matrix(matrix: np.ndarray, rows: list[str], cols: list[str], width: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = ArgumentParser(
+        prog="python -m unime_jax.embed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--model", required=True, help="HF checkpoint directory (or hub id, with network)"
@@ -55,8 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.text and not args.image:
         parser.error("give at least one --text or --image")
+    if args.batch_size <= 0:
+        parser.error(f"--batch-size must be positive, got {args.batch_size}")
+    return run_main(lambda: embed(args))
 
-    mesh = sharding.make_mesh(parse_mesh(args.mesh))
+
+def embed(args) -> int:
+    try:
+        mesh = sharding.make_mesh(parse_mesh(args.mesh))
+    except ValueError as e:
+        raise UsageError(
+            f"--mesh={args.mesh!r}: {e}", "give axes whose sizes multiply to the device count"
+        ) from e
     embedder = Embedder.from_pretrained(
         args.model, mesh=mesh, dtype=args.dtype, batch_size=args.batch_size
     )

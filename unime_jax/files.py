@@ -1,12 +1,14 @@
-"""Atomic file writes: readers see the old file or the whole new one, never a part."""
+"""Atomic file writes (readers see the old file or the whole new one, never a part) and a
+lock file for work that several processes sharing a directory must do once."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -48,3 +50,17 @@ def _fsync_directory(directory: Path) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> Path:
     dump_kwargs = {"indent": 1, "sort_keys": True} | dump_kwargs
     return atomic_write(path, json.dumps(obj, **dump_kwargs) + "\n")
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Holds an exclusive lock on ``path`` (created if absent) for the ``with`` block: processes
+    on one machine that would write the same files (the hosts of a pod test) take turns."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

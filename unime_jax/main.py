@@ -16,7 +16,12 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from unime_jax.errors import UsageError, run_main
+from unime_jax.errors import UsageError, config_value, flags_parser, run_main
+
+_FIX = (
+    "check the flag against `python -m unime_jax.main --helpfull` and the keys of "
+    "configs/stage1.py / configs/stage2.py"
+)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file, optionally :preset."
@@ -33,8 +38,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def train() -> None:
-    cfg = _CONFIG.value
-    if cfg is None or not _WORKDIR.value:
+    cfg = config_value(_CONFIG)
+    if not _WORKDIR.value:
         raise UsageError(
             "--config and --workdir are required",
             "pass both, e.g. --config=configs/stage2.py:demo --workdir=runs/demo",
@@ -68,4 +73,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=flags_parser(_FIX))

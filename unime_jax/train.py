@@ -56,6 +56,7 @@ def validate(cfg, mesh, stage: Stage, *, check_files: bool = True) -> None:
         "lora_rank",
         "seed",
         "worker_count",
+        "max_bad_rows",
         "demo_train_rows",
         "demo_eval_size",
     )
@@ -140,6 +141,7 @@ def make_data(cfg, stage: Stage, processor, mesh, source=None):
         global_batch_size=cfg.batch_size,
         seed=cfg.seed,
         reasons=stage.skip_reasons,
+        max_bad_rows=cfg.get("max_bad_rows", 1000),
         worker_count=cfg.worker_count,
     )
 
@@ -210,12 +212,10 @@ def run(cfg, workdir: str) -> dict:
     )
     state = steps.init_state(trainable, tx, cfg.seed, mesh)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    if start:
-        target = checkpoint.abstract_like(
-            state, steps.train_state_shardings(state.trainable, tx, mesh)
-        )
-        state, data_state = ckpt.restore(start, target)
+    target = checkpoint.abstract_like(state, steps.train_state_shardings(state.trainable, tx, mesh))
+    start = 0
+    if (resumed := ckpt.restore_latest(target)) is not None:
+        start, state, data_state = resumed
         data.set_state(data_state)
         log.info("resumed from step %d", start)
 

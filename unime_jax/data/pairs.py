@@ -1,9 +1,9 @@
 """Stage-2 rows (MMEB-train style query/target pairs) → one :class:`Example` per side.
 
-Records come from :func:`unime_jax.data.mmeb_train.open_dataset` or any in-memory sequence of
-dicts with ``qry`` / ``qry_image`` / ``pos_text`` / ``pos_image`` (the converter's
-``*_image_path`` keys are accepted too; an image is a path, a PIL image or ``None``). Each side's
-instruction is used verbatim with ``<|image_1|>`` swapped for the backbone's image token (no
+Records come from a prepared pairs dataset (``unime_jax.datasets.source("mmeb_train", ...)``)
+or any in-memory sequence of dicts with ``qry`` / ``qry_image`` / ``pos_text`` / ``pos_image``
+(``*_image_path`` keys are accepted too; an image is a path, bytes, a PIL image or ``None``).
+Each side's instruction is used verbatim with ``<|image_1|>`` swapped for the backbone's image token (no
 chat template in stage 2). A bad row becomes a skip marker naming the reason (:data:`REASONS`).
 """
 

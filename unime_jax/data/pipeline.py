@@ -49,6 +49,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from unime_jax.errors import DataError
 from unime_jax.preprocess.example import Example
 from unime_jax.preprocess.processor import Processor
 from unime_jax.preprocess.text import LENGTH_BUCKETS, bucket_length
@@ -118,16 +119,31 @@ class BatchCollator:
 
 
 class _DropBadRows(grain.transforms.Filter):
-    """Drops skip markers, counting and logging each; runs in the iterating (main) process."""
+    """Drops skip markers, counting and logging each; runs in the iterating (main) process.
 
-    def __init__(self):
+    ``limit`` consecutive bad rows (0: no limit) end the run with an error: a dataset whose
+    images all vanished would otherwise be skipped through forever without a single step.
+    """
+
+    def __init__(self, limit: int = 0):
         self.counts: collections.Counter[str] = collections.Counter()
+        self.limit, self.run = limit, collections.Counter()
 
     def filter(self, element: Mapping[str, Any]) -> bool:
         if SKIP_KEY not in element:
+            self.run.clear()
             return True
-        self.counts[element[SKIP_KEY]] += 1
-        log.warning("skipping row %s (%s): %s", element["id"], element[SKIP_KEY], element["detail"])
+        reason = element[SKIP_KEY]
+        self.counts[reason] += 1
+        self.run[reason] += 1
+        log.warning("skipping row %s (%s): %s", element["id"], reason, element["detail"])
+        if self.limit and sum(self.run.values()) >= self.limit:
+            raise DataError(
+                f"{self.limit} rows in a row were unusable ({dict(self.run)}; the last: row "
+                f"{element['id']}: {element['detail']})",
+                "check the data (the skipped rows' reasons above; rebuild a damaged dataset with "
+                "--overwrite), or raise --config.max_bad_rows",
+            )
         return False
 
 
@@ -216,6 +232,7 @@ def make_batch_iterator(
     global_batch_size: int,
     seed: int,
     reasons: Sequence[str] = (),
+    max_bad_rows: int = 1000,
     num_epochs: int | None = None,
     shuffle: bool = True,
     worker_count: int = 0,
@@ -226,6 +243,7 @@ def make_batch_iterator(
     """Host-local batches of ``global_batch_size // process_count`` rows (module doc).
 
     ``reasons``: the skip reasons the transform can report (for zero-filled metrics);
+    ``max_bad_rows``: consecutive unusable rows that stop the run (0: never);
     ``process_index`` / ``process_count`` default to JAX's; each host gets its block of every
     global batch of the shuffled stream (disjoint across hosts, see :class:`HostBlock`).
     """
@@ -260,7 +278,7 @@ def make_batch_iterator(
                 num_workers=worker_count, per_worker_buffer_size=worker_buffer_size
             )
         )
-    dropper = _DropBadRows()
+    dropper = _DropBadRows(max_bad_rows)
     batch = global_batch_size // process_count
     it = it.filter(dropper).batch(batch, drop_remainder=True, batch_fn=collator)
     return BatchIterator(iter(it), dropper, reasons)

@@ -22,7 +22,7 @@ from unime_jax.demo import tiny_configs
 from unime_jax.demo.tokenizers import build_tokenizer
 from unime_jax.export.hf import export_hf
 from unime_jax.families import llava
-from unime_jax.families.llava import LlavaProcessor
+from unime_jax.families.llava_processor import LlavaProcessor
 
 IMAGE_SIZE = 64  # the shapes are rendered at this size; one 64 px tile (+ the base view)
 FAMILY = llava.ONEVISION

@@ -99,6 +99,35 @@ MISTRAL_CHAT_TEMPLATE = (
     r"{%- endfor -%}"
 )
 
+# Qwen2-VL-Instruct's own template (hub chat_template.json): a default system turn when the
+# conversation has none, each image as <|vision_start|><|image_pad|><|vision_end|> in place,
+# texts verbatim, "<|im_end|>\n" after every turn.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Phi-3 / Phi-3.5 (string contents only): "<|role|>\ncontent<|end|>\n" per turn.
+PHI3_CHAT_TEMPLATE = (
+    r"{%- for message in messages -%}"
+    r"{{- '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' -}}"
+    r"{%- endfor -%}"
+    r"{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- endif -%}"
+)
+
 _STYLES: dict[str, dict[str, Any]] = {
     # Specials go after the words, like Qwen2 (<|endoftext|> = 151643 follows the BPE vocab).
     # Qwen2 itself has no unk (byte-level BPE); a word-level model needs one.
@@ -110,6 +139,19 @@ _STYLES: dict[str, dict[str, Any]] = {
         extra=dict(image_token="<image>", video_token="<video>"),
         template=QWEN2_CHAT_TEMPLATE,
     ),
+    # Qwen2-VL / Qwen2.5-VL: the Qwen2 specials plus the vision ones; the image token is
+    # <|image_pad|>, which the processor expands to one token per merged 2x2 patch window.
+    "qwen2_vl": dict(
+        head=[],
+        tail=[
+            *("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"),
+            *("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
+        ],
+        plain=[],
+        named=dict(unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>"),
+        extra=dict(image_token="<|image_pad|>", video_token="<|video_pad|>"),
+        template=QWEN2_VL_CHAT_TEMPLATE,
+    ),
     # Like llava-v1.6-mistral: <unk>=0, <s>=1, </s>=2, words, then <image> and <pad> appended.
     "mistral": dict(
         head=["<unk>", "<s>", "</s>"],
@@ -118,6 +160,19 @@ _STYLES: dict[str, dict[str, Any]] = {
         named=dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"),
         extra=dict(image_token="<image>"),
         template=MISTRAL_CHAT_TEMPLATE,
+    ),
+    # Like Phi-3.5-vision-instruct (LlamaTokenizer, BOS on every call): <unk>=0, <s>=1, </s>=2,
+    # words, then the chat specials. It has no image token: the Phi-3-V processor splits prompts
+    # at "<|image_N|>" tags and writes negative ids for the images.
+    "phi3": dict(
+        head=["<unk>", "<s>", "</s>"],
+        tail=["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"],
+        plain=[],
+        named=dict(
+            unk_token="<unk>", bos_token="<s>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+        ),
+        extra={},
+        template=PHI3_CHAT_TEMPLATE,
     ),
 }
 
@@ -131,8 +186,10 @@ def build_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer with the special tokens and chat template of ``style``.
 
-    ``style`` is "qwen2" (llava-onevision) or "mistral" (llava-v1.6-mistral). Unknown words map to
-    ``<unk>``; ``tokenizer.image_token`` / ``tokenizer.image_token_id`` resolve to ``<image>``.
+    ``style`` is "qwen2" (llava-onevision), "qwen2_vl" (Qwen2-VL / Qwen2.5-VL), "mistral"
+    (llava-v1.6-mistral) or "phi3" (Phi-3.5-V). Unknown words map to ``<unk>``;
+    ``tokenizer.image_token`` / ``tokenizer.image_token_id`` resolve to the style's image token
+    (``<image>``, ``<|image_pad|>``; "phi3" has none).
     """
     if style not in _STYLES:
         raise ValueError(f"unknown tokenizer style {style!r}; expected one of {sorted(_STYLES)}")

@@ -3,10 +3,16 @@
     python -m unime_jax.eval --config=configs/eval.py[:preset] --workdir=OUT [--config.x=...]
 
 Writes ``OUT/report.json``, ``OUT/report.md`` (our numbers beside the paper's) and PNG plots.
-Every task's data is loaded and checked before the model is: malformed rows, missing images and
-image paths leaving their root are reported with file and row, all at once. Embeddings are
-cached on disk (``--config.cache_dir``) per model fingerprint, so a rerun embeds nothing (and,
-for a checkpoint directory, never loads its weights). Options: configs/eval.py.
+Every benchmark is read from its prepared TFDS dataset (``--config.data_dir``; a task with
+``manual_dir`` set builds its dataset from that folder first), and every task's data is loaded
+and checked before the model is: an unprepared dataset, or the files a build reads with
+malformed rows, missing images or image paths leaving their root, are reported with file and
+row, all tasks at once. Embeddings are cached on disk (``--config.cache_dir``) per model
+fingerprint, so a rerun embeds nothing (and, for a checkpoint directory, never loads its
+weights). Options: configs/eval.py.
+
+User errors end in ``error: ...`` / ``Fix: ...`` without a traceback, exit status 2 (flags,
+config values) or 1 (data, model files).
 """
 
 from __future__ import annotations
@@ -21,6 +27,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from unime_jax.errors import (
+    FLAG_ERRORS,
+    DataError,
+    UsageError,
+    UserError,
+    bad_flag,
+    config_value,
+)
+from unime_jax.errors import report as error_report
 from unime_jax.eval import report
 from unime_jax.eval.cache import (
     CachedEncoder,
@@ -31,7 +46,10 @@ from unime_jax.eval.cache import (
     params_fingerprint,
     processor_fingerprint,
 )
-from unime_jax.eval.tasks import EvalError, evaluate, figures, load_tasks
+from unime_jax.eval.tasks import evaluate, figures, load_tasks
+from unime_jax.preprocess.images import ImageError
+
+_FIX = "check the flag against `python -m unime_jax.eval --help` and the keys of configs/eval.py"
 
 log = logging.getLogger("unime_jax.eval")
 
@@ -63,19 +81,31 @@ class LazyEncoder:
         return self.encoder.embed_instructions(texts, images)
 
 
+def check_model_config(cfg) -> None:
+    """``cfg.model`` and ``cfg.dtype`` as far as they can be checked without loading anything."""
+    from unime_jax.models.config import PARAM_DTYPES
+
+    if not cfg.model:
+        raise UsageError(
+            "--config.model is empty", "set it to an HF checkpoint directory, or to demo"
+        )
+    if cfg.dtype not in PARAM_DTYPES:
+        raise UsageError(
+            f"--config.dtype={cfg.dtype!r} is not a parameter dtype",
+            f"use one of {sorted(PARAM_DTYPES)}",
+        )
+
+
 def build_encoder(cfg, mesh) -> tuple[Any, dict]:
     """The encoder ``cfg.model`` names and what fingerprints it (JSON-able parts, hashed into
     the cache key): parameter bits for the in-memory demo model, file contents and stats for a
     checkpoint directory (see :mod:`unime_jax.eval.cache`), plus dtype, tiles and model code."""
     from unime_jax.embedder import Embedder
-    from unime_jax.models.config import PARAM_DTYPES, param_dtype
+    from unime_jax.models.config import param_dtype
     from unime_jax.weights.hub import resolve_checkpoint
     from unime_jax.weights.safetensors import CheckpointError
 
-    if not cfg.model:
-        raise EvalError("set --config.model to an HF checkpoint directory, or to demo")
-    if cfg.dtype not in PARAM_DTYPES:
-        raise EvalError(f"--config.dtype={cfg.dtype!r}; use one of {sorted(PARAM_DTYPES)}")
+    check_model_config(cfg)
     if cfg.model == "demo":
         import flax.nnx as nnx
 
@@ -105,7 +135,7 @@ def build_encoder(cfg, mesh) -> tuple[Any, dict]:
     try:
         directory = resolve_checkpoint(cfg.model)
     except CheckpointError as e:
-        raise EvalError(f"--config.model: {e}") from e
+        raise CheckpointError(f"--config.model: {e.what}", e.fix) from e
     return checkpoint_encoder(directory, cfg, mesh)
 
 
@@ -149,11 +179,11 @@ def load_stage2_workdir(path: Path, cfg, mesh) -> tuple[Any, dict]:
     if (merged / "config.json").is_file():
         log.info("%s is a training run; evaluating its merged checkpoint %s", path, merged)
         return checkpoint_encoder(merged, cfg, mesh)
-    raise EvalError(
+    raise DataError(
         f"--config.model={str(path)!r} is a training run directory without a merged checkpoint "
-        "(merged/); evaluating its Orbax checkpoints directly is not supported yet. Export the "
-        "trained model with unime_jax.export.hf.export_hf and pass that directory; a demo "
-        f"run's own held-out results are in {path / 'results.json'}."
+        "(merged/); evaluating its Orbax checkpoints directly is not supported yet",
+        "export the trained model with unime_jax.export.hf.export_hf and pass that directory; "
+        f"a demo run's own held-out results are in {path / 'results.json'}",
     )
 
 
@@ -175,10 +205,14 @@ def run(
     from unime_jax import sharding
 
     out = Path(workdir)
-    tasks = load_tasks(cfg)  # before the model: data problems show in seconds
     references = [r.strip() for r in cfg.reference.split(",") if r.strip()]
     if unknown := [r for r in references if r not in report.PAPER_MODELS]:
-        raise EvalError(f"--config.reference: unknown {unknown}; use {sorted(report.PAPER_MODELS)}")
+        raise UsageError(
+            f"--config.reference: unknown {unknown}", f"use some of {sorted(report.PAPER_MODELS)}"
+        )
+    if encoder is None:
+        check_model_config(cfg)  # before the data is read
+    tasks = load_tasks(cfg)  # before the model: data problems show in seconds
     lead = jax.process_index() == 0  # one host writes the report and the cache
     if encoder is None:
         encoder, parts = build_encoder(cfg, sharding.make_mesh(dict(cfg.mesh)))
@@ -211,9 +245,23 @@ def run(
                 max_k=cfg.plot_max_k,
                 draw=cfg.plots and lead,
             )
-        except (OSError, ValueError) as e:  # e.g. an image file that does not decode
+        except ImageError as e:  # the datasets store images undecoded: the build kept it
             log.debug("task %s failed", task.name, exc_info=True)
-            raise EvalError(f"task {task.name!r} ({kind}) failed: {type(e).__name__}: {e}") from e
+            raise DataError(
+                f"task {task.name!r} ({kind}) failed: {e.what} (read from {task.source})",
+                "an image file the dataset was built from does not decode: replace it, then "
+                "build the dataset again (`python -m unime_jax.datasets build ... --overwrite`, "
+                f"or delete it and run with --config.{task.name}.manual_dir)",
+            ) from e
+        except UserError as e:  # e.g. a checkpoint loaded on first use
+            log.debug("task %s failed", task.name, exc_info=True)
+            raise type(e)(f"task {task.name!r} ({kind}) failed: {e.what}", e.fix) from e
+        except OSError as e:  # e.g. the embedding cache's disk
+            log.debug("task %s failed", task.name, exc_info=True)
+            raise DataError(
+                f"task {task.name!r} ({kind}) failed: {type(e).__name__}: {e}",
+                "check the file named above (disk space, permissions), then run again",
+            ) from e
         extra["plots"] = [os.path.relpath(p, out) for p in extra.get("plots", [])]
         results[task.name] = {"metrics": metrics, **extra} | {
             "kind": kind,
@@ -260,7 +308,8 @@ def headline(task: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status (2: bad flags/config, 1: data or model error)."""
+    """The command line; returns the exit status (2: bad flags/config, 1: data or model error),
+    a user error printed as ``error: ...`` / ``Fix: ...``."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -276,13 +325,25 @@ def main(argv: list[str] | None = None) -> int:
     workdir = flags.DEFINE_string("workdir", None, "report, plots", flag_values=fv)
     try:
         fv(argv)
-        cfg = config.value
-        if cfg is None or not workdir.value:
-            raise EvalError("--config and --workdir are required (see --help)")
-        cfg.tasks  # noqa: B018 -- a config that failed to load raises its error on first access
-    except Exception as e:  # flag, override and config-file errors: message, not traceback
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+    except (flags.Error, *FLAG_ERRORS) as e:  # a bad flag or override: message, not traceback
+        print(error_report(bad_flag(e, _FIX)), file=sys.stderr)
+        return UsageError.exit_code
+    try:
+        return _evaluate(config, workdir.value)
+    except UserError as e:  # as errors.run_main, without its logging.shutdown: main is callable
+        for handler in logging.getLogger().handlers:  # in-process (tests, notebooks)
+            handler.flush()
+        print(error_report(e), file=sys.stderr)
+        return e.exit_code
+
+
+def _evaluate(config, workdir: str | None) -> int:
+    cfg = config_value(config)
+    if not workdir:
+        raise UsageError(
+            "--config and --workdir are required",
+            "pass both, e.g. --config=configs/eval.py:coco_mini --workdir=runs/eval",
+        )
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -290,14 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/unime_jax/jax"))
-    try:
-        result = run(cfg, workdir.value)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    result = run(cfg, workdir)
     for name, task in result["tasks"].items():
         print(f"{name}: {headline(task)}")
-    print(f"report: {Path(workdir.value) / 'report.md'}")
+    print(f"report: {Path(workdir) / 'report.md'}")
     return 0
 
 

@@ -8,8 +8,9 @@ ignored (its inputs are embedded again). Chunks get unique names, so processes n
 each other.
 
 Keys: an input's key hashes its kind (``text`` / ``image`` / ``instruction``), its text and
-the sha256 of its image bytes (pixels for an in-memory PIL image), so renaming or moving an image
-keeps its entry and editing it does not. Prompts, processor settings and the model live in the
+the sha256 of its image bytes (a file's, or encoded bytes given as such, e.g. from a TFDS dataset:
+the same key as the file; pixels for an in-memory PIL image), so renaming or moving an image keeps
+its entry and editing it does not. Prompts, processor settings and the model live in the
 fingerprint (see :func:`checkpoint_fingerprint`, :func:`params_fingerprint`,
 :func:`processor_fingerprint`, :func:`code_fingerprint`).
 """
@@ -49,8 +50,11 @@ def digest(obj: Any) -> str:
 _FILE_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: hash each file once
 
 
-def image_digest(image: Image.Image | str | os.PathLike) -> str:
-    """sha256 of an image file's bytes, or of a PIL image's mode, size and pixels."""
+def image_digest(image: Image.Image | bytes | str | os.PathLike) -> str:
+    """sha256 of an image file's bytes (a path, or the encoded bytes themselves, as TFDS
+    datasets give them: the same key either way), or of a PIL image's mode, size and pixels."""
+    if isinstance(image, bytes):
+        return hashlib.sha256(image).hexdigest()
     if isinstance(image, Image.Image):
         h = hashlib.sha256(f"{image.mode}:{image.size}:".encode())
         h.update(image.tobytes())
@@ -67,7 +71,9 @@ def image_digest(image: Image.Image | str | os.PathLike) -> str:
     return _FILE_DIGESTS[memo]
 
 
-def input_key(kind: str, text: str | None, image: Image.Image | str | os.PathLike | None) -> str:
+def input_key(
+    kind: str, text: str | None, image: Image.Image | bytes | str | os.PathLike | None
+) -> str:
     """The cache key of one encoder input."""
     image_part = None if image is None else image_digest(image)
     return digest([kind, text, image_part])
@@ -149,6 +155,7 @@ def processor_fingerprint(processor: Any) -> dict:
     image_processor = getattr(processor, "image_processor", None)
     return {
         "family": processor.family,
+        "position_mode": getattr(processor, "position_mode", None),  # Qwen2-VL's M-RoPE variant
         "image_token": processor.image_token,
         "tokenizer": [
             type(tok).__name__,

@@ -138,11 +138,14 @@ def _text(row: dict, key: str) -> str:
 class RetrievalSet:
     """Images and their captions; ``image_for_caption[j]`` indexes ``image_paths``.
 
-    Every image has at least one caption. ``excluded`` names entries of the source that were
-    left out (images without any caption), so counts can be reconciled with the source.
+    ``image_paths`` holds file paths, or the files' bytes (as the TFDS datasets give them: two
+    files with the same content are then equal entries, as two paths to them would be two
+    entries embedded alike). Every image has at least one caption. ``excluded`` names entries
+    of the source that were left out (images without any caption), so counts can be reconciled
+    with the source.
     """
 
-    image_paths: list[str]
+    image_paths: list[str | bytes]
     captions: list[str]
     image_for_caption: list[int]
     source: str = ""
@@ -156,7 +159,8 @@ class RetrievalSet:
         bad = [i for i in self.image_for_caption if not 0 <= i < len(self.image_paths)]
         if bad:
             raise ValueError(f"image indices out of range: {bad[:MAX_LISTED]}")
-        if len(set(self.image_paths)) != len(self.image_paths):
+        paths = [p for p in self.image_paths if not isinstance(p, bytes)]
+        if len(set(paths)) != len(paths):
             raise ValueError("image_paths has duplicates; give each image one index")
 
     def __len__(self) -> int:
@@ -254,8 +258,10 @@ def load_flickr30k(
     max_images: int | None = None,
 ) -> RetrievalSet:
     """Karpathy-style ``dataset_flickr30k.json`` (``images`` [{filename, split, sentences:
-    [{raw}]}]) → the images of ``split`` (``None``: all) with their ``raw`` sentences. Raises on
-    any problem in the selected split; images without sentences are reported and counted."""
+    [{raw}]}]) → the images of ``split`` (``None``: all) with their ``raw`` sentences. COCO's
+    ``dataset_coco.json`` also gives each image a ``filepath`` (``val2014``): its image is then
+    ``filepath/filename`` under ``image_dir``. Raises on any problem in the selected split;
+    images without sentences are reported and counted."""
     path = Path(karpathy_file)
     data = _load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
@@ -273,7 +279,10 @@ def load_flickr30k(
             continue
         key = str(i)
         try:
-            image = resolve_image(image_dir, entry.get("filename"))
+            name = entry.get("filename")
+            if isinstance(entry.get("filepath"), str) and isinstance(name, str):
+                name = posixpath.join(entry["filepath"], name)  # COCO's: val2014/<filename>
+            image = resolve_image(image_dir, name)
             sentences = entry.get("sentences")
             if not isinstance(sentences, list):
                 raise BadEntry("'sentences' is not a list")

@@ -2,39 +2,40 @@
 evaluator, and its figures (summary statistics and plots).
 
 A task is a config section (see configs/eval.py) whose ``kind`` is ``retrieval``,
-``long_caption``, ``sugarcrepe`` or ``mmeb``.
+``long_caption``, ``sugarcrepe`` or ``mmeb``, and whose ``dataset`` names the prepared TFDS
+dataset it reads (:mod:`unime_jax.datasets`, through ``tfds.data_source``); with ``manual_dir``
+set, a dataset not prepared yet is built from that folder first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from unime_jax.eval import datasets, evaluators, mmeb_eval, plots
+from unime_jax.errors import DataError, UsageError, UserError
+from unime_jax.eval import evaluators, plots
+from unime_jax.eval.datasets import DatasetError
 from unime_jax.eval.metrics import SUGARCREPE_SPLITS
 
 KINDS = ("retrieval", "long_caption", "sugarcrepe", "mmeb")
-REQUIRED = {
-    "retrieval": ("annotations", "images"),
-    "long_caption": ("annotations", "images"),
-    "sugarcrepe": ("directory", "images"),
-    "mmeb": ("directory", "images"),
+# The builders each kind reads (shapes_world: the demo's stand-ins, with the view's config).
+READS = {
+    "retrieval": ("coco_captions", "karpathy", "long_caption", "shapes_world"),
+    "long_caption": ("long_caption", "coco_captions", "karpathy", "shapes_world"),
+    "sugarcrepe": ("sugarcrepe", "shapes_world"),
+    "mmeb": ("mmeb_eval",),
 }
-REQUIRED_HELP = {
-    "retrieval": "the caption file (COCO captions_*.json, or Karpathy JSON with format=flickr) "
-    "and its image folder",
-    "long_caption": 'the JSON(L) of {"image", "caption"} rows and its image folder',
-    "sugarcrepe": "the folder of SugarCrepe <split>.json files and the COCO val2017 folder",
-    "mmeb": "the MMEB-eval files (or their folder) and the root of their image paths",
+EXAMPLES = {
+    "retrieval": "coco_captions/val2017, karpathy/coco, karpathy/flickr30k",
+    "long_caption": "long_caption/sharegpt4v_1k, long_caption/urban1k",
+    "sugarcrepe": "sugarcrepe/val2017",
+    "mmeb": "mmeb_eval",
 }
-
-
-class EvalError(Exception):
-    """A problem with the evaluation's configuration or data; the message says what to fix."""
 
 
 @dataclasses.dataclass
@@ -50,84 +51,181 @@ class Task:
 # data
 
 
-def _path(name: str, sec, field: str, what: str, *, is_dir: bool) -> str:
-    value = str(sec.get(field, "") or "")
-    if not value:
-        raise EvalError(f"--config.{name}.{field} is empty; give {what}")
-    path = Path(value).expanduser()
-    if not (path.is_dir() if is_dir else path.exists()):
-        raise EvalError(
-            f"--config.{name}.{field}={value!r}: no such {'directory' if is_dir else 'file'} ({what})"
+def data_dir(cfg) -> str | None:
+    """``cfg.data_dir`` (``~`` expanded), or None for TFDS's default."""
+    value = str(cfg.get("data_dir", "") or "")
+    return os.path.expanduser(value) if value else None
+
+
+def dataset_ref(name: str, sec):
+    """The task's ``dataset`` as a :class:`unime_jax.datasets.Ref`, checked against its kind."""
+    from unime_jax.datasets import Ref
+
+    kind, flag = sec.get("kind"), f"--config.{name}.dataset"
+    if kind not in KINDS:
+        raise UsageError(f"--config.{name}.kind={kind!r} is not a task kind", f"use one of {KINDS}")
+    text = str(sec.get("dataset", "") or "").strip()
+    if not text:
+        raise UsageError(f"{flag} is empty", f"name a dataset, e.g. {flag}={EXAMPLES[kind]}")
+    try:
+        ref = Ref.parse(text, flag=flag)
+    except UsageError as e:
+        raise UsageError(
+            e.what,
+            f"write NAME[/CONFIG][:SPLIT], NAME one of {list(READS[kind])}, e.g. {EXAMPLES[kind]}",
+        ) from None
+    if ref.name not in READS[kind]:
+        raise UsageError(
+            f"{flag}={text!r}: a {kind} task cannot read {ref.name}",
+            f"name one of {list(READS[kind])}, e.g. {EXAMPLES[kind].split(',')[0]}",
         )
-    return str(path)
+    if kind == "mmeb" and (ref.config or ref.split):
+        raise UsageError(
+            f"{flag}={text!r}: MMEB-eval is read whole (its rows and images configs, every "
+            "dataset's split)",
+            f"write {flag}=mmeb_eval; --config.{name}.max_rows limits the rows per dataset",
+        )
+    return ref
 
 
-def load_task(name: str, sec) -> Task:
-    """Loads and checks one task's data (raising :class:`EvalError` or
-    :class:`~unime_jax.eval.datasets.DatasetError` with file and rows)."""
-    kind = sec.get("kind")
-    empty = [f"--config.{name}.{f}" for f in REQUIRED.get(kind, ()) if not sec.get(f)]
-    if empty:
-        raise EvalError(f"{' and '.join(empty)} not set; give {REQUIRED_HELP[kind]}")
-    if kind in ("retrieval", "long_caption"):
-        images = _path(name, sec, "images", "the image folder", is_dir=True)
-        max_images = sec.max_images or None
-        if kind == "long_caption":
-            ann = _path(name, sec, "annotations", 'a JSON(L) of {"image", "caption"}', is_dir=False)
-            data = datasets.load_caption_pairs(ann, images, max_images=max_images)
-        elif sec.format == "coco":
-            ann = _path(name, sec, "annotations", "a COCO captions_*.json", is_dir=False)
-            data = datasets.load_coco_captions(ann, images, max_images=max_images)
-        elif sec.format == "flickr":
-            ann = _path(name, sec, "annotations", "a Karpathy dataset_flickr30k.json", is_dir=False)
-            data = datasets.load_flickr30k(
-                ann, images, split=sec.split or None, max_images=max_images
+def _configs(ref) -> tuple[str | None, ...]:
+    return ("rows", "images") if ref.name == "mmeb_eval" else (ref.config,)
+
+
+def ensure_prepared(name: str, sec, ref, root: str | None) -> None:
+    """Checks the dataset is prepared in ``root``; with ``manual_dir`` set, builds what is not
+    (else the :class:`DataError` of :func:`unime_jax.datasets.base.prepared`, whose Fix is the
+    build command)."""
+    from unime_jax import datasets
+    from unime_jax.datasets import base
+
+    manual = str(sec.get("manual_dir", "") or "")
+    for config in _configs(ref):
+        try:
+            base.prepared(ref.name, data_dir=root, config=config)
+            continue
+        except DataError as e:
+            if not manual:
+                fix = e.fix
+                if ref.name == "mmeb_eval":  # its build command without --config builds both
+                    fix = fix.replace(f" --config {config}", "")
+                raise DataError(
+                    e.what,
+                    f"{fix}; or set --config.{name}.manual_dir=DIR to have the evaluation build it",
+                ) from None
+        builder_cls = next(b for b in datasets.BUILDERS if b.name == ref.name)
+        directory = Path(manual).expanduser()
+        if not directory.is_dir():
+            raise DataError(
+                f"--config.{name}.manual_dir={manual!r}: no such directory (building "
+                f"{ref.name}{f'/{config}' if config else ''})",
+                " ".join(builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS.split()),
             )
-        else:
-            raise EvalError(f"--config.{name}.format={sec.format!r}; use coco or flickr")
-        return Task(name, sec, data, data.source, list(data.excluded))
-    if kind == "sugarcrepe":
-        directory = _path(
-            name, sec, "directory", "the folder of SugarCrepe <split>.json files", is_dir=True
+        try:
+            datasets.prepare(ref.name, data_dir=root, config=config, manual_dir=directory)
+        except DatasetError as e:  # the parser's report of the manual dir's files
+            what, _, fix = str(e).partition("\nFix: ")
+            raise DataError(
+                f"building {ref.name}{f'/{config}' if config else ''} from {directory}: {what}",
+                fix or "correct the files named above, then run again",
+            ) from None
+
+
+def sugarcrepe_wanted(name: str, sec, ref) -> tuple[str, ...]:
+    """The SugarCrepe splits a task asks for (``splits``, or the dataset's ``:SPLIT``; empty:
+    all the dataset has)."""
+    splits = tuple(s.strip() for s in sec.splits.split(",") if s.strip())
+    if ref.split and splits and splits != (ref.split,):
+        raise UsageError(
+            f"--config.{name}.dataset names split {ref.split!r} and "
+            f"--config.{name}.splits={sec.splits!r} others",
+            "name the splits in one place",
         )
-        images = _path(name, sec, "images", "the COCO val2017 image folder", is_dir=True)
-        splits = tuple(s.strip() for s in sec.splits.split(",") if s.strip()) or SUGARCREPE_SPLITS
-        unknown = [s for s in splits if s not in SUGARCREPE_SPLITS]
-        if unknown:
-            raise EvalError(f"--config.{name}.splits: unknown {unknown}; use {SUGARCREPE_SPLITS}")
-        data = datasets.load_sugarcrepe(directory, images, splits=splits)
-        if sec.max_items:
-            data = {s: items[: sec.max_items] for s, items in data.items()}
-        return Task(name, sec, data, directory)
-    if kind == "mmeb":
-        source = _path(name, sec, "directory", "MMEB-eval files or their folder", is_dir=False)
-        images = _path(name, sec, "images", "the root of the rows' image paths", is_dir=True)
-        data = mmeb_eval.load_mmeb(source, images, max_rows=sec.max_rows or None)
-        return Task(name, sec, data, source)
-    raise EvalError(f"--config.{name}.kind={kind!r}; use one of {KINDS}")
+    splits = splits or ((ref.split,) if ref.split else ())
+    if unknown := [s for s in splits if s not in SUGARCREPE_SPLITS]:
+        raise UsageError(
+            f"--config.{name}.splits: unknown {unknown}", f"use some of {SUGARCREPE_SPLITS}"
+        )
+    return splits
+
+
+def load_task(name: str, sec, root: str | None = None) -> Task:
+    """Loads and checks one task's data from its prepared TFDS dataset in ``root`` (the TFDS
+    data dir; None: the default), building it first when the section has a ``manual_dir``.
+    Raises :class:`UsageError` (the section) or :class:`DataError` (the data)."""
+    from unime_jax import datasets
+    from unime_jax.datasets import base
+
+    ref = dataset_ref(name, sec)
+    kind = sec.kind
+    splits = sugarcrepe_wanted(name, sec, ref) if kind == "sugarcrepe" else ()
+    ensure_prepared(name, sec, ref, root)
+    builder = base.prepared(ref.name, data_dir=root, config=_configs(ref)[0])
+    where = f"{builder.info.full_name} in {builder.data_dir_root}"
+    if kind in ("retrieval", "long_caption"):
+        split = ref.split or "test"
+        data = datasets.retrieval_set(
+            ref.name,
+            data_dir=root,
+            config=ref.config,
+            split=split,
+            max_images=sec.max_images or None,
+        )
+        built_from = f" (built from {data.source})" if data.source else ""
+        source = f"{builder.info.full_name} [{split}] in {builder.data_dir_root}{built_from}"
+        return Task(name, sec, data, source, list(data.excluded))
+    if kind == "sugarcrepe":
+        data = datasets.sugarcrepe_splits(
+            ref.name,
+            data_dir=root,
+            config=ref.config,
+            splits=splits or None,
+            max_items=sec.max_items or None,
+        )
+        return Task(name, sec, data, where)
+    data = datasets.mmeb_eval_rows(data_dir=root, max_rows=sec.max_rows or None)
+    return Task(name, sec, data, f"mmeb_eval (rows, images) in {builder.data_dir_root}")
 
 
 def load_tasks(cfg) -> list[Task]:
-    """Every task named in ``cfg.tasks``, loaded and checked; all problems raised together."""
+    """Every task named in ``cfg.tasks``, loaded and checked; all problems raised together
+    (a :class:`UsageError` if any is one, else a :class:`DataError`)."""
     names = [n.strip() for n in cfg.tasks.split(",") if n.strip()]
     if not names:
-        raise EvalError(
-            "--config.tasks is empty; name sections of the config, e.g. coco,sugarcrepe"
+        raise UsageError(
+            "--config.tasks is empty", "name sections of the config, e.g. --config.tasks=coco"
         )
-    errors, tasks = [], []
+    root = data_dir(cfg)
+    if not cfg.get("progress", True):
+        import tensorflow_datasets as tfds
+
+        tfds.disable_progress_bar()  # of the builds a manual_dir starts
+    errors: list[UserError] = []
+    tasks = []
     for name in names:
         sec = cfg.get(name)
         if not hasattr(sec, "get") or "kind" not in sec:
-            errors.append(f"task {name!r}: no such section in the config")
+            sections = [k for k, v in cfg.items() if hasattr(v, "get") and "kind" in v]
+            errors.append(
+                UsageError(f"task {name!r}: no such section in the config", f"use {sections}")
+            )
             continue
         try:
-            tasks.append(load_task(name, sec))
-        except (EvalError, datasets.DatasetError) as e:
-            errors.append(f"task {name!r} ({sec.get('kind')}): {e}")
-    if errors:
-        hint = f"\n\n{cfg.data_hint}" if cfg.get("data_hint") else ""
-        raise EvalError("\n\n".join(errors) + hint)
-    return tasks
+            tasks.append(load_task(name, sec, root))
+        except UserError as e:
+            errors.append(type(e)(f"task {name!r} ({sec.get('kind')}): {e.what}", e.fix))
+    if not errors:
+        return tasks
+    hint = str(cfg.get("data_hint", "") or "")
+    usage = any(isinstance(e, UsageError) for e in errors)
+    if len(errors) == 1:
+        what, fix = errors[0].what, errors[0].fix
+    else:
+        what = f"{len(errors)} tasks cannot be read:\n\n" + "\n\n".join(map(str, errors))
+        fix = "fix each task as its Fix line says"
+    if hint and not usage:
+        fix = f"{fix.rstrip('.')}; {hint}" if fix else hint
+    raise (UsageError if usage else DataError)(what, fix)
 
 
 # ---------------------------------------------------------------------------------------------

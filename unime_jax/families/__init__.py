@@ -10,11 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from unime_jax.families import llava
+from unime_jax.families import llava, phi3_v, qwen2_vl
 from unime_jax.families.base import Family
 from unime_jax.models.config import ConfigError
 
-FAMILIES: tuple[Family, ...] = (llava.ONEVISION, llava.NEXT)
+FAMILIES: tuple[Family, ...] = (
+    llava.ONEVISION,
+    llava.NEXT,
+    qwen2_vl.QWEN2_VL,
+    qwen2_vl.QWEN2_5_VL,
+    phi3_v.PHI3_V,
+)
 
 _BY_MODEL_TYPE = {t: family for family in FAMILIES for t in family.model_types}
 

@@ -31,13 +31,20 @@ from unime_jax.sharding import logical_to_spec
 IMPLEMENTATIONS = ("auto", "xla", "splash")
 
 
+def platform() -> str:
+    """The platform the code is traced for: the current mesh's (an ahead-of-time compile for a
+    TPU topology runs on a CPU host), else the default backend's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+
+
 def resolve(impl: str) -> str:
-    """``auto`` → the implementation for the default backend."""
+    """``auto`` → the implementation for the target platform."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r}; use one of {IMPLEMENTATIONS}")
     if impl != "auto":
         return impl
-    return "splash" if jax.default_backend() == "tpu" else "xla"
+    return "splash" if platform() == "tpu" else "xla"
 
 
 def visibility(
@@ -110,7 +117,7 @@ def splash_attention(q, k, v, segment_ids, *, causal: bool, window: int | None) 
     b, t, _, hd = q.shape
     if segment_ids is None:
         segment_ids = jnp.ones((b, t), jnp.int32)
-    interpret = jax.default_backend() != "tpu"
+    interpret = platform() != "tpu"  # Pallas' interpreter elsewhere (tests on CPU)
 
     def local(q, k, v, seg):
         kernel = _splash_kernel(q.shape[2], t, causal, window, interpret)
@@ -152,7 +159,7 @@ def attention(
 ) -> jax.Array:
     """Self-attention of q (B,T,H,hd) over k/v (B,T,K,hd), H a multiple of K (module doc)."""
     # The TPU kernel tiles T in blocks of 128; other lengths take the reference path.
-    tileable = q.shape[1] % 128 == 0 or jax.default_backend() != "tpu"
+    tileable = q.shape[1] % 128 == 0 or platform() != "tpu"
     if resolve(impl) == "splash" and tileable:
         return splash_attention(q, k, v, segment_ids, causal=causal, window=window)
     return reference_attention(q, k, v, visibility(segment_ids, q.shape[1], causal, window))

@@ -168,14 +168,17 @@ def scan_layers(
     layers: nnx.Module,
     h: jax.Array,
     *args,
+    per_layer: jax.Array | None = None,
     key: jax.Array | None = None,
     remat: str = "none",
     carry_axes: tuple[str | None, ...] = ("batch", None, None),
 ) -> jax.Array:
     """Applies stacked layers in sequence with ``lax.scan`` (pure: split, then merge per step).
 
-    Each layer is called as ``layer(h, *args, key=layer_key)``; with a ``key`` every layer gets
-    its own dropout key, without one no key is passed (deterministic forward). The carry is
+    Each layer is called as ``layer(h, *args, key=layer_key)`` — ``layer(h, per_layer[i], *args,
+    key=...)`` when a ``per_layer`` array (leading axis: layers) is given, e.g. which layers
+    attend globally; with a ``key`` every layer gets its own dropout key, without one no key is
+    passed (deterministic forward). The carry is
     constrained to ``carry_axes`` (batch-sharded, model dimension whole): without it GSPMD may
     shard activations like the FSDP weights, on the model dimension, and all-reduce them instead
     of gathering each layer's weights. ``remat`` names a policy of :data:`REMAT_POLICIES`.
@@ -185,11 +188,12 @@ def scan_layers(
     keys = None if key is None else jax.random.split(key, num_layers)
 
     def body(carry, xs):
-        layer_state, layer_key = xs
+        layer_state, layer_key, extra = xs
         carry = constrain(carry, *carry_axes)
-        return nnx.merge(graphdef, layer_state)(carry, *args, key=layer_key), None
+        lead = () if per_layer is None else (extra,)
+        return nnx.merge(graphdef, layer_state)(carry, *lead, *args, key=layer_key), None
 
     policy = REMAT_POLICIES[remat_policy(remat)]
     if policy is not None:
         body = jax.checkpoint(body, policy=policy)
-    return constrain(jax.lax.scan(body, h, (state, keys))[0], *carry_axes)
+    return constrain(jax.lax.scan(body, h, (state, keys, per_layer))[0], *carry_axes)

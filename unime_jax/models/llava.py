@@ -16,10 +16,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unime_jax.models.config import ConfigError, TextConfig, VisionConfig
-from unime_jax.models.inputs import ModelInputs
 from unime_jax.models.layers import Linear, activation, param, subkey
 from unime_jax.models.llm import DecoderLM
-from unime_jax.models.multimodal import place_image_features
+from unime_jax.models.multimodal import MultimodalModel
 from unime_jax.models.pixels import normalise
 from unime_jax.models.vision import VisionTower
 from unime_jax.sharding import constrain
@@ -71,7 +70,7 @@ class Projector(nnx.Module):
         return self.linear_2(self.act(self.linear_1(x, subkey(key, 0))), subkey(key, 1))
 
 
-class LlavaModel(nnx.Module):
+class LlavaModel(MultimodalModel):
     def __init__(
         self,
         cfg: LlavaConfig,
@@ -108,22 +107,3 @@ class LlavaModel(nnx.Module):
             self.image_newline[...].astype(feats.dtype), (g, 1, feats.shape[-1])
         )
         return jnp.concatenate([feats, newline], axis=1)
-
-    def __call__(self, inputs: ModelInputs, dropout_key: jax.Array | None = None) -> jax.Array:
-        """Final-layer hidden states after the final norm, (B, T, D).
-
-        ``dropout_key`` enables LoRA dropout (training); without it the forward is deterministic.
-        """
-        embeds = self.llm.embed(inputs.input_ids)
-        if inputs.images is not None:
-            if self.vision is None:
-                raise ValueError("this model was built text-only; it cannot take images")
-            feats = self.image_features(inputs.images, subkey(dropout_key, 0))
-            embeds = place_image_features(
-                embeds,
-                feats.astype(embeds.dtype),
-                inputs.image_index,
-                inputs.image_weight,
-                inputs.input_ids == self.cfg.image_token_id,
-            )
-        return self.llm(embeds, inputs.attention_mask, inputs.positions, subkey(dropout_key, 1))

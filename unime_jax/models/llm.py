@@ -7,6 +7,8 @@ the host (1-D, or 3-D for M-RoPE), so one decoder serves every family.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -66,11 +68,22 @@ class GatedMLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, impl: str = "xla"):
+    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(
+        self,
+        cfg: TextConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        impl: str = "xla",
+        attention_cls: type[nnx.Module] = SelfAttention,
+        mlp_cls: type[nnx.Module] = GatedMLP,
+    ):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, dtype=dtype)
-        self.attn = SelfAttention(cfg, rngs=rngs, dtype=dtype, impl=impl)
+        self.attn = attention_cls(cfg, rngs=rngs, dtype=dtype, impl=impl)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, dtype=dtype)
-        self.mlp = GatedMLP(cfg, rngs=rngs, dtype=dtype)
+        self.mlp = mlp_cls(cfg, rngs=rngs, dtype=dtype)
 
     def __call__(self, x, cos, sin, segment_ids, key=None):
         x = x + self.attn(self.input_norm(x), cos, sin, segment_ids, subkey(key, 0))
@@ -78,6 +91,13 @@ class DecoderLayer(nnx.Module):
 
 
 class DecoderLM(nnx.Module):
+    """Embeddings, stacked decoder layers (``lax.scan``) and the final norm. A decoder variant
+    (e.g. :class:`~unime_jax.models.phi3.Phi3LM`) subclasses it with its own attention and MLP
+    classes and rotary tables."""
+
+    attention_cls: type[nnx.Module] = SelfAttention
+    mlp_cls: type[nnx.Module] = GatedMLP
+
     def __init__(
         self,
         cfg: TextConfig,
@@ -91,14 +111,24 @@ class DecoderLM(nnx.Module):
         self.embed_tokens = param(
             rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype=dtype
         )
-        self.layers = stacked(
-            cfg.num_layers, lambda r: DecoderLayer(cfg, rngs=r, dtype=dtype, impl=attention), rngs
+        layer = functools.partial(
+            DecoderLayer,
+            cfg,
+            dtype=dtype,
+            impl=attention,
+            attention_cls=self.attention_cls,
+            mlp_cls=self.mlp_cls,
         )
+        self.layers = stacked(cfg.num_layers, lambda r: layer(rngs=r), rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, dtype=dtype)
         self.remat = remat
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens[...], input_ids, axis=0)
+
+    def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """cos/sin tables of ``positions`` ((B, T), or (B, T, 3) for M-RoPE)."""
+        return rope_tables(positions, self.cfg.head_dim, self.cfg.rope)
 
     def __call__(
         self,
@@ -108,7 +138,7 @@ class DecoderLM(nnx.Module):
         key: jax.Array | None = None,
     ) -> jax.Array:
         """Final hidden states after the final norm, (B, T, D); ``key`` drives LoRA dropout."""
-        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope)
+        cos, sin = self.rope(positions)
         segment_ids = attention_mask.astype(jnp.int32)  # 1 = token, 0 = padding
         h = scan_layers(
             self.layers, inputs_embeds, cos, sin, segment_ids, key=key, remat=self.remat

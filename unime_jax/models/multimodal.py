@@ -1,5 +1,6 @@
-"""What every multimodal family shares: placing image features into the token embeddings, and
-the one forward + pooling function that turns a model and a batch into embeddings."""
+"""What every multimodal family shares: the forward pass (token embeddings, image features placed
+at the image tokens, the decoder), and the one forward + pooling function that turns a model and
+a batch into embeddings."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unime_jax.models.inputs import ModelInputs
+from unime_jax.models.layers import subkey
 
 
 def place_image_features(
@@ -33,6 +35,40 @@ def place_image_features(
         for j in range(index.shape[-1])
     )
     return jnp.where(is_image[..., None], packed.reshape(b, t, -1), text)
+
+
+class MultimodalModel(nnx.Module):
+    """A family's model: ``self.llm`` (a :class:`~unime_jax.models.llm.DecoderLM`), ``self.vision``
+    (None when built text-only) and :meth:`image_features`; ``self.cfg.image_token_id`` marks the
+    image tokens unless :meth:`image_tokens` says otherwise."""
+
+    def image_features(self, images: dict, key: jax.Array | None = None) -> jax.Array:
+        """The groups' image units -> their feature rows (G, R, D) in the LLM's width."""
+        raise NotImplementedError
+
+    def token_ids(self, input_ids: jax.Array) -> jax.Array:
+        """The ids whose embeddings are looked up (image tokens' are replaced anyway)."""
+        return input_ids
+
+    def image_tokens(self, input_ids: jax.Array) -> jax.Array:
+        return input_ids == self.cfg.image_token_id
+
+    def __call__(self, inputs: ModelInputs, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Final-layer hidden states after the final norm, (B, T, D). ``dropout_key`` enables
+        LoRA dropout (training); without it the forward is deterministic."""
+        embeds = self.llm.embed(self.token_ids(inputs.input_ids))
+        if inputs.images is not None:
+            if self.vision is None:
+                raise ValueError("this model was built text-only; it cannot take images")
+            feats = self.image_features(inputs.images, subkey(dropout_key, 0))
+            embeds = place_image_features(
+                embeds,
+                feats.astype(embeds.dtype),
+                inputs.image_index,
+                inputs.image_weight,
+                self.image_tokens(inputs.input_ids),
+            )
+        return self.llm(embeds, inputs.attention_mask, inputs.positions, subkey(dropout_key, 1))
 
 
 def last_token_pool(

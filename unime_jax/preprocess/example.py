@@ -59,6 +59,12 @@ class Example:
     positions: np.ndarray
     images: list[ImageUnits] = dataclasses.field(default_factory=list)
 
+    @classmethod
+    def sequential(cls, input_ids, images: Sequence[ImageUnits] = ()) -> Example:
+        """A row whose positions count its tokens 0, 1, ... (1-D RoPE families)."""
+        ids = np.asarray(input_ids, np.int32)
+        return cls(ids, np.arange(len(ids), dtype=np.int32), list(images))
+
     def __len__(self) -> int:
         return len(self.input_ids)
 

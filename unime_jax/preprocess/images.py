@@ -2,33 +2,57 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-ImageLike = Image.Image | str | os.PathLike
+from unime_jax.errors import DataError
+
+ImageLike = Image.Image | bytes | str | os.PathLike
+
+
+class ImageError(DataError):
+    """An image that cannot be used: the message names the file."""
+
+
+class MissingImage(ImageError, FileNotFoundError):
+    pass
 
 
 def load_image(image: ImageLike, root: str | os.PathLike | None = None) -> Image.Image:
-    """An RGB PIL image from a PIL image or a path (relative to ``root``), fully decoded.
+    """An RGB PIL image from a PIL image, an encoded file's bytes (as the datasets store
+    images) or a path (relative to ``root``), fully decoded.
 
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for one
-    that does not decode (a truncated JPEG is caught here: the pixels are read, not just the
-    header).
+    Raises :class:`MissingImage` (also a ``FileNotFoundError``) for a missing file and
+    :class:`ImageError` for one that does not decode — a truncated JPEG is caught here: the
+    pixels are read, not just the header.
     """
     if isinstance(image, Image.Image):
         return image.convert("RGB")
+    if isinstance(image, bytes):
+        try:
+            with Image.open(io.BytesIO(image)) as img:
+                img.load()
+                return img.convert("RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ImageError(
+                f"an image of {len(image)} bytes cannot be decoded: {e}",
+                "the prepared dataset is damaged: build it again with --overwrite",
+            ) from e
     path = Path(root, image) if root is not None else Path(image)
     if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
+        raise MissingImage(f"image {path} does not exist", "pass the path of an existing image")
     try:
         with Image.open(path) as img:
             img.load()
             return img.convert("RGB")
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"image {path} cannot be decoded: {e}") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(
+            f"image {path} cannot be decoded: {e}", "replace the file with a readable image"
+        ) from e
 
 
 def resize_square(image: Image.Image, size: int) -> Image.Image:

@@ -36,6 +36,14 @@ def row_images(images: RowImages) -> list:
     return [images]
 
 
+def images_per_prompt(prompts: Sequence[str], images: Sequence[RowImages] | None) -> list:
+    """Each prompt's row images (``images`` None: no images anywhere); one entry per prompt."""
+    images = list(images) if images is not None else [None] * len(prompts)
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} image entries")
+    return images
+
+
 class Processor:
     """Shared behaviour; ``family``, ``tokenizer``, ``image_token_id``, ``layout`` are set by
     the subclass (``layout`` is None for a text-only model)."""

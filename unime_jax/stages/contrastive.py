@@ -1,20 +1,20 @@
 """Stage 2: hard-negative enhanced instruction tuning (UniME §stage 2) on query/target pairs.
 
-Data: MMEB-train converted by ``python -m unime_jax.data.mmeb_convert`` (or ``train_data="demo"``,
-the shapes world's pairs). Loss: :func:`unime_jax.losses.hard_negative_infonce` over the global
-batch (plain in-batch InfoNCE as an ablation, or for the first ``infonce_steps`` of a model
-trained from scratch). Held-out evaluation: the shapes world (``demo_eval_size`` > 0).
+Data: a prepared pairs dataset, ``train_data`` (``mmeb_train/all`` built by ``python -m
+unime_jax.datasets build mmeb_train``; the demo's ``shapes_world/pairs``). Loss:
+:func:`unime_jax.losses.hard_negative_infonce` over the global batch (plain in-batch InfoNCE as
+an ablation, or for the first ``infonce_steps`` of a model trained from scratch). Held-out
+evaluation: the shapes world's retrieval and compositional sets (``demo_eval_size`` > 0).
 """
 
 from __future__ import annotations
-
-import os
 
 import jax.numpy as jnp
 
 from unime_jax import losses
 from unime_jax.data import pairs
 from unime_jax.errors import UsageError
+from unime_jax.stages import datasets
 from unime_jax.stages.base import Stage
 
 
@@ -23,6 +23,13 @@ class Contrastive(Stage):
     sides = pairs.SIDES
     text_only = False
     skip_reasons = pairs.REASONS
+
+    def prepare(self, cfg, workdir: str):
+        datasets.prepare(cfg, datasets.ref(cfg, "train_data"))
+        if cfg.demo_eval_size > 0:
+            for view in ("retrieval", "compositional"):
+                datasets.prepare(cfg, datasets.uds.Ref("shapes_world", view))
+        return cfg
 
     def validate(self, cfg, *, check_files: bool = True) -> None:
         if cfg.loss not in ("hard_negative", "infonce"):
@@ -40,24 +47,12 @@ class Contrastive(Stage):
                 f"--config.num_hard_negatives={cfg.num_hard_negatives!r} is out of range",
                 "it must be >= 1",
             )
-        if not check_files:
-            return
-        if cfg.train_data != "demo" and (not cfg.train_data or not os.path.isdir(cfg.train_data)):
-            raise UsageError(
-                f"--config.train_data={cfg.train_data!r} is not a directory",
-                "convert MMEB-train with `python -m unime_jax.data.mmeb_convert --input ... "
-                "--image-root ... --out DIR` and pass DIR",
-            )
+        train_data = datasets.ref(cfg, "train_data")
+        if check_files:
+            datasets.check_prepared(cfg, train_data, "train")
 
     def source(self, cfg):
-        if cfg.train_data == "demo":
-            from unime_jax.demo.model import IMAGE_SIZE
-            from unime_jax.demo.world import sets
-
-            return sets.training_rows(cfg.seed, cfg.demo_train_rows, image_size=IMAGE_SIZE)
-        from unime_jax.data.mmeb_train import open_dataset
-
-        return open_dataset(cfg.train_data, image_root=cfg.image_root or None)
+        return datasets.source(cfg, datasets.ref(cfg, "train_data"), "train")
 
     def lengths(self, cfg) -> dict[str, int]:
         return {"query": cfg.query_length, "target": cfg.target_length}
@@ -101,6 +96,15 @@ class Contrastive(Stage):
     def evaluator(self, cfg):
         if cfg.demo_eval_size <= 0:
             return None
+        import unime_jax.datasets as uds
         from unime_jax.demo import heldout
 
-        return lambda embedder: heldout.evaluate(embedder, n=cfg.demo_eval_size)
+        def view(name: str):
+            return datasets.builder_config(cfg, uds.Ref("shapes_world", name))
+
+        data_dir = datasets.data_dir(cfg)
+        retrieval = uds.retrieval_set("shapes_world", data_dir=data_dir, config=view("retrieval"))
+        compositional = uds.sugarcrepe_splits(
+            "shapes_world", data_dir=data_dir, config=view("compositional")
+        )
+        return lambda embedder: heldout.evaluate(embedder, retrieval, compositional)

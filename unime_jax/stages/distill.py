@@ -1,16 +1,15 @@
 """Stage 1: textual discriminative knowledge distillation into the LLM (UniME §stage 1).
 
-Data: sentences with precomputed teacher vectors (:mod:`unime_jax.data.sentences`); only the LLM
-is built. Loss: :func:`unime_jax.losses.similarity_kd` between the student's and the teacher's
-in-batch similarity distributions. The offline demo writes its own corpus and MiniLM teacher
-files (:func:`prepare_demo`); the held-out evidence is :func:`teacher_agreement` (how well the
+Data: a prepared sentence dataset, ``corpus`` (``nli_simcse``; the demo's ``shapes_world/nli``)
+with its precomputed teacher vectors (``teacher_dir``: ``python -m unime_jax.teacher``); only the
+LLM is built. Loss: :func:`unime_jax.losses.similarity_kd` between the student's and the
+teacher's in-batch similarity distributions. The demo computes its MiniLM teacher files itself
+(:func:`prepare_demo_teachers`); the held-out evidence is :func:`teacher_agreement` (how well the
 student's pairwise similarities on held-out sentences track the teacher's).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 from pathlib import Path
@@ -18,66 +17,76 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+import unime_jax.datasets as uds
 from unime_jax import losses
 from unime_jax import teacher as teacher_store
 from unime_jax.data import sentences
 from unime_jax.data.sentences import SentenceSource, SentenceTransform, open_sentences
-from unime_jax.demo.world import sets as world
 from unime_jax.errors import DataError, UsageError
-from unime_jax.files import atomic_write
+from unime_jax.files import locked
 from unime_jax.preprocess.text import truncate
+from unime_jax.stages import datasets
 from unime_jax.stages.base import Stage
 
 log = logging.getLogger(__name__)
 
 NLI_COLUMNS = ("sent0", "sent1", "hard_neg")
+CORPORA = {"corpus": "teacher_dir", "eval_corpus": "eval_teacher_dir"}  # dataset -> its teacher
 
 
-def write_nli_csv(path: str | os.PathLike, rows: list[dict[str, str]]) -> Path:
-    """Writes rows in the SimCSE NLI CSV layout (atomically)."""
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=NLI_COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write(path, text.getvalue())
+def prepare_demo_teachers(cfg, workdir: str | os.PathLike) -> dict[str, str]:
+    """MiniLM teacher embeddings of the generated corpora (the shapes world's sentences) whose
+    ``teacher_dir`` is not set, under ``workdir/demo_data``; reruns reuse (and resume) them.
 
-
-def prepare_demo(cfg, workdir: str | os.PathLike) -> dict[str, str]:
-    """Demo corpus (train + held-out NLI CSVs from the shapes world) and their MiniLM teacher
-    embeddings under ``workdir/demo_data``; reruns reuse (and resume) what is there.
-
-    Returns the paths as config overrides: corpus, teacher_dir, eval_corpus, eval_teacher_dir.
-    The teacher runs in PyTorch (``requirements-dev.txt``); a TPU host that trains on
-    precomputed teacher files never needs it.
+    Returns the teacher directories as config overrides. The teacher runs in PyTorch
+    (``requirements-dev.txt``); a TPU host that trains on precomputed teacher files never needs
+    it.
     """
-    root = Path(workdir) / "demo_data"
-    sets = {
-        "": (cfg.demo_train_rows, False, cfg.seed),
-        "eval_": (cfg.demo_eval_size, True, cfg.seed + 1),
-    }
     out = {}
-    for prefix, (n, held_out, seed) in sets.items():
-        name = "eval" if held_out else "train"
-        corpus = root / f"{name}.csv"
-        if not corpus.exists():
-            write_nli_csv(corpus, world.nli_rows(seed, n, held_out=held_out))
-        teacher_dir = root / f"teacher_{name}"
-        manifest = teacher_dir / teacher_store.MANIFEST_FILE
-        if not manifest.exists() or not teacher_store.Manifest.load(teacher_dir).completed:
-            try:
-                teacher_store.precompute(
-                    teacher_store.read_corpus(corpus, verbose=False),
-                    teacher_dir,
-                    teacher=cfg.demo_teacher,
-                    batch_size=256,
+    for key, teacher_key in CORPORA.items():
+        if not cfg[key] or cfg[teacher_key]:
+            continue
+        dataset = datasets.ref(cfg, key)
+        if dataset.name not in datasets.GENERATED:
+            continue
+        datasets.prepare(cfg, dataset)
+        config, split = datasets.builder_config(cfg, dataset), dataset.split or "train"
+        teacher_dir = Path(workdir, "demo_data", f"teacher_{config.name}_{split}")
+        with locked(teacher_dir.parent / ".teacher.lock"):  # one process computes it
+            done = (teacher_dir / teacher_store.MANIFEST_FILE).exists() and (
+                teacher_store.Manifest.load(teacher_dir).completed
+            )
+            if not done:
+                corpus = uds.nli_corpus(
+                    dataset.name, data_dir=datasets.data_dir(cfg), config=config, split=split
                 )
-            except ImportError as e:
-                raise UsageError(
-                    f"the stage-1 demo computes its teacher embeddings with PyTorch ({e})",
-                    "install the dev requirements: pip install -r requirements-dev.txt",
-                ) from e
-        out[prefix + "corpus"], out[prefix + "teacher_dir"] = str(corpus), str(teacher_dir)
+                try:
+                    teacher_store.precompute(
+                        corpus, teacher_dir, teacher=cfg.demo_teacher, batch_size=256
+                    )
+                except ImportError as e:
+                    raise UsageError(
+                        f"the stage-1 demo computes its teacher embeddings with PyTorch ({e})",
+                        "install the dev requirements: pip install -r requirements-dev.txt",
+                    ) from e
+        out[teacher_key] = str(teacher_dir)
     return out
+
+
+def open_corpus(cfg, key: str) -> SentenceSource:
+    """The sentences of ``cfg[key]`` with the teacher vectors of its ``teacher_dir``."""
+    dataset = datasets.ref(cfg, key)
+    config, split = datasets.builder_config(cfg, dataset), dataset.split or "train"
+    recorded = uds.nli_simcse.recorded(
+        dataset.name, data_dir=datasets.data_dir(cfg), config=config, split=split
+    )
+    return open_sentences(
+        datasets.source(cfg, dataset, "train"),
+        recorded["corpus_sha256"],
+        cfg[CORPORA[key]],
+        cfg.teacher_bad_rows,
+        name=str(dataset),
+    )
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -99,9 +108,10 @@ def teacher_agreement(
     (the teacher's own share is given as ``teacher_hard_neg_acc``).
     """
     tok = embedder.processor.tokenizer
-    sentences = [truncate(tok, s, max_sentence_tokens) for _, s in source.corpus]
+    items = [source[i] for i in range(len(source))]  # the usable rows
+    sentences = [truncate(tok, item["sentence"], max_sentence_tokens) for item in items]
     student = embedder.embed_texts(sentences)
-    teacher = np.asarray(source.teacher, np.float32)
+    teacher = np.stack([np.asarray(item["teacher"], np.float32) for item in items])
     off = ~np.eye(len(sentences), dtype=bool)
     out = {
         "spearman": spearman((student @ student.T)[off], (teacher @ teacher.T)[off]),
@@ -116,8 +126,8 @@ def teacher_agreement(
         ),
     }
     rows: dict[str, dict[str, int]] = {}
-    for i, (row_id, _) in enumerate(source.corpus):
-        row, _, column = row_id.partition(":")
+    for i, item in enumerate(items):
+        row, _, column = item["id"].partition(":")
         rows.setdefault(row, {})[column] = i
     triples = [tuple(r[c] for c in NLI_COLUMNS) for r in rows.values() if len(r) == 3]
     if triples:
@@ -135,10 +145,10 @@ class Distillation(Stage):
     skip_reasons = sentences.REASONS
 
     def prepare(self, cfg, workdir: str):
-        if cfg.corpus != "demo":
-            return cfg
         cfg = cfg.copy_and_resolve_references()
-        cfg.update(prepare_demo(cfg, workdir))
+        if cfg.eval_corpus.startswith(datasets.GENERATED) and cfg.demo_eval_size <= 0:
+            cfg.eval_corpus = ""  # a demo without held-out sentences
+        cfg.update(prepare_demo_teachers(cfg, workdir))
         return cfg
 
     def validate(self, cfg, *, check_files: bool = True) -> None:
@@ -146,23 +156,33 @@ class Distillation(Stage):
             raise UsageError(
                 f"--config.kd_direction={cfg.kd_direction!r}", f"use one of {losses.KD_DIRECTIONS}"
             )
+        if cfg.teacher_bad_rows not in ("error", "skip"):
+            raise UsageError(
+                f"--config.teacher_bad_rows={cfg.teacher_bad_rows!r}", "use error or skip"
+            )
         for key in ("kd_temperature", "max_sentence_tokens"):
             if not cfg[key] > 0:
                 raise UsageError(f"--config.{key}={cfg[key]!r} is out of range", "it must be > 0")
         if not cfg.num_steps and cfg.num_epochs <= 0:
             raise UsageError("set num_steps or num_epochs (> 0)")
+        corpora = [key for key in CORPORA if key == "corpus" or cfg[key]]
+        for key in corpora:
+            datasets.ref(cfg, key)
         if not check_files:
             return
-        for field in ("corpus", "teacher_dir"):
-            if not cfg[field] or not os.path.exists(cfg[field]):
+        for key in corpora:
+            datasets.check_prepared(cfg, datasets.ref(cfg, key), "train")
+            teacher_dir = cfg[CORPORA[key]]
+            if not teacher_dir or not os.path.isdir(teacher_dir):
                 raise UsageError(
-                    f"--config.{field}={cfg[field]!r} does not exist",
-                    "stage 1 needs the corpus and its teacher embeddings from `python -m "
-                    "unime_jax.teacher --corpus CORPUS --out TEACHER_DIR`",
+                    f"--config.{CORPORA[key]}={teacher_dir!r} is not a directory",
+                    f"compute the teacher embeddings of {cfg[key]} first: `python -m "
+                    f"unime_jax.teacher --dataset {cfg[key]} --out TEACHER_DIR` (add --data_dir "
+                    "as for training), and pass TEACHER_DIR",
                 )
 
     def source(self, cfg) -> SentenceSource:
-        return open_sentences(cfg.corpus, cfg.teacher_dir)
+        return open_corpus(cfg, "corpus")
 
     def lengths(self, cfg) -> dict[str, int]:
         return {sentences.SIDE: cfg.text_length}
@@ -204,7 +224,7 @@ class Distillation(Stage):
     def evaluator(self, cfg):
         if not cfg.eval_corpus:
             return None
-        held_out = open_sentences(cfg.eval_corpus, cfg.eval_teacher_dir)
+        held_out = open_corpus(cfg, "eval_corpus")
         return lambda embedder: teacher_agreement(
             embedder, held_out, max_sentence_tokens=cfg.max_sentence_tokens, cfg=cfg
         )

@@ -53,8 +53,12 @@ For non-NV teachers ``instruction`` (default none) is prepended to every sentenc
 
 CLI::
 
-    python -m unime_jax.teacher --corpus nli.csv --out DIR [--teacher NAME_OR_PATH]
-        [--batch-size N] [--dtype float16|float32] [--instruction TEXT] [--overwrite]
+    python -m unime_jax.teacher --dataset nli_simcse [--data_dir DATA] --out DIR
+        [--teacher NAME_OR_PATH] [--batch-size N] [--dtype float16|float32]
+        [--instruction TEXT] [--overwrite]
+
+(the corpus is a prepared TFDS dataset, :mod:`unime_jax.datasets`; :func:`read_corpus` is the
+parser its builder uses on SimCSE's CSV or a one-sentence-per-line file).
 
 Package layout: ``corpus`` (read_corpus, CorpusReport, checksums, validation), ``models``
 (the Teacher protocol, the teacher wrappers, build_teacher), ``files`` (output file names,
@@ -73,6 +77,7 @@ from unime_jax.teacher.corpus import (
     CorpusReport,
     corpus_checksum,
     read_corpus,
+    write_nli_csv,
 )
 from unime_jax.teacher.files import (
     EMBEDDINGS_FILE,
@@ -126,4 +131,5 @@ __all__ = [
     "precompute",
     "read_corpus",
     "read_progress",
+    "write_nli_csv",
 ]

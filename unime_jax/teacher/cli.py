@@ -1,24 +1,28 @@
-"""Command line: ``python -m unime_jax.teacher --corpus CORPUS --out DIR ...``."""
+"""Command line: ``python -m unime_jax.teacher --dataset NAME[/CONFIG][:SPLIT] --out DIR ...``."""
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from collections.abc import Sequence
 
+from unime_jax.errors import ArgumentParser, DataError, run_main
 from unime_jax.teacher.compute import _DTYPES, NonFiniteEmbeddingError, precompute
-from unime_jax.teacher.corpus import read_corpus
 from unime_jax.teacher.models import DEFAULT_TEACHER
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m unime_jax.teacher",
         description="Precompute L2-normalised teacher embeddings for stage-1 distillation "
         "(offline, resumable: rerun the same command to continue).",
     )
-    ap.add_argument("--corpus", required=True, help="SimCSE NLI .csv or one-sentence-per-line text")
+    ap.add_argument(
+        "--dataset",
+        required=True,
+        help="a prepared sentence dataset, NAME[/CONFIG][:SPLIT] (e.g. nli_simcse; built with "
+        "`python -m unime_jax.datasets build nli_simcse --manual_dir DIR --data_dir DATA`)",
+    )
+    ap.add_argument("--data_dir", default=None, help="TFDS data dir (default: TFDS's)")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument(
         "--teacher",
@@ -29,7 +33,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--dtype", choices=_DTYPES, default="float32")
     ap.add_argument("--instruction", default=None, help="prefix for every sentence")
-    ap.add_argument("--format", choices=("auto", "csv", "txt"), default="auto")
     ap.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     ap.add_argument(
         "--backend", choices=("auto", "sentence-transformers", "transformers"), default="auto"
@@ -37,10 +40,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="discard existing output in --out")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    return run_main(lambda: _run(args))
 
+
+def _run(args) -> int:
+    import unime_jax.datasets as uds
+
+    dataset = uds.Ref.parse(args.dataset, flag="--dataset")
+    corpus = uds.nli_corpus(
+        dataset.name, data_dir=args.data_dir, config=dataset.config, split=dataset.split or "train"
+    )
+    t0 = time.perf_counter()
     try:
-        corpus = read_corpus(args.corpus, fmt=args.format)
-        t0 = time.perf_counter()
         m = precompute(
             corpus,
             args.out,
@@ -53,14 +64,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
             backend=args.backend,
         )
-        dt = time.perf_counter() - t0
     except (ValueError, FileNotFoundError, NonFiniteEmbeddingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise DataError(
+            str(e),
+            "for another corpus's output use a new --out or --overwrite; for invalid teacher "
+            "vectors see invalid_rows.json in --out",
+        ) from e
+    dt = time.perf_counter() - t0
     rep = corpus.report
     print(
         f"teacher embeddings: {args.out}\n"
-        f"  corpus   {rep.summary() if rep else args.corpus}\n"
+        f"  corpus   {dataset}: {rep.summary() if rep else len(corpus)}\n"
         f"  teacher  {m.teacher} ({m.backend}, {m.device or 'n/a'}), dim {m.dim}, {m.dtype}\n"
         f"  rows     {m.count}  sha256 {m.corpus_sha256}\n"
         f"  time     {dt:.1f} s this run, {m.seconds:.1f} s encoding in all "

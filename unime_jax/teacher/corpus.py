@@ -210,3 +210,16 @@ def corpus_checksum(items: Iterable[Any]) -> str:
         h.update(b_id)
         h.update(b_s)
     return h.hexdigest()
+
+
+def write_nli_csv(path: str | os.PathLike, rows: Sequence[dict[str, str]]) -> Path:
+    """Writes rows in SimCSE's NLI CSV layout (:data:`CSV_COLUMNS`), atomically: the file
+    :func:`read_corpus` reads (e.g. a manual dir for the ``nli_simcse`` builder)."""
+    import csv
+    import io
+
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write(path, text.getvalue())
