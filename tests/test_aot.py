@@ -3,6 +3,7 @@
 Run as a subprocess (as users run it), so libtpu is loaded outside the test process.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,11 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from unime_jax import aot
+from configs import stage2
+from unime_jax import aot, families, sharding, stages
 from unime_jax.errors import UsageError
+from unime_jax.weights.hub import read_config
 
 REPO = Path(__file__).resolve().parents[1]
-pytest.importorskip("libtpu", reason="libtpu (requirements-dev.txt) compiles for TPUs")
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu (requirements-dev.txt) compiles for TPUs",
+)
 
 
 def run_aot(*args, timeout=900):
@@ -56,6 +62,7 @@ def test_unknown_topology_is_a_usage_error():
 
 
 @pytest.mark.slow
+@needs_libtpu
 def test_tiny_config_compiles_for_v5e_and_reports_memory():
     proc, reports = run_aot(
         "--config=configs/stage2.py:demo", "--topology=v5e-4", "--config.batch_size=16"
@@ -71,6 +78,7 @@ def test_tiny_config_compiles_for_v5e_and_reports_memory():
 
 
 @pytest.mark.slow
+@needs_libtpu
 def test_oversized_config_exits_1_and_says_why():
     proc, reports = run_aot(
         "--config=configs/stage2.py:demo",
@@ -91,3 +99,23 @@ def test_bad_config_is_a_usage_error():
     assert proc.returncode == 2
     assert "error: --topology='v9z-3'" in proc.stderr and "Fix:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "preset, positions",
+    [("llava_onevision_7b", ()), ("phi35v", ()), ("qwen2_vl_2b", (3,))],  # M-RoPE: (B, T, 3)
+)
+def test_abstract_batch_has_the_pipelines_shapes(preset, positions):
+    """The compiled step takes what the data pipeline feeds: per side, ids and mask (B, T),
+    positions (B, T, *family.position_axes), packed image units per group."""
+    cfg = stage2.get_config(preset)
+    cfg.batch_size, cfg.num_chunks = 16, 2
+    stage, mesh = stages.get(cfg.stage), sharding.make_mesh()
+    hf_config = read_config(aot.model_directory(cfg))
+    family = families.for_config(hf_config)
+    batch = aot.abstract_batch(cfg, stage, family, family.parse_config(hf_config), hf_config, mesh)
+    for side, length in stage.lengths(cfg).items():
+        inputs = batch[side]
+        assert inputs.input_ids.shape == inputs.attention_mask.shape == (16, length)
+        assert inputs.positions.shape == (16, length, *positions)
+        assert all(a.shape[0] == mesh.size * 2 for a in inputs.images.values())  # groups

@@ -142,6 +142,24 @@ def test_row_with_two_images(case):
     assert_parity(model, hf_model, batch)
 
 
+def test_malformed_processor_batches_are_refused(case):
+    """Image tokens without pixels, or a run of image tokens broken by a text token, would
+    silently embed the wrong thing: both are refused, naming the row."""
+    _, model, processor, _ = case
+    batch = processor(
+        [processor.text_prompt("a cat"), processor.image_prompt()], [None, photo("coffee")]
+    )
+    no_pixels = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_sizes")}
+    with pytest.raises(ValueError, match="row 1 has image tokens, but no pixel_values"):
+        model(**no_pixels)
+    ids = batch["input_ids"].copy()
+    run = np.flatnonzero(ids[1] == processor.image_token_id)
+    ids[1, run[len(run) // 2]] = processor.tokenizer.pad_token_id or 0
+    ids[1, run[-1] + 1] = processor.image_token_id  # same count, one gap inside the run
+    with pytest.raises(ValueError, match=r"row 1: the .* not one unbroken run"):
+        model(**(batch | {"input_ids": ids}))
+
+
 def test_encoded_batches_equal_processor_batches(case):
     """Our fast path (uint8 units packed per group, normalised on device) equals the HF-format
     path (normalised float pixel_values per image) exactly as far as the model can tell."""

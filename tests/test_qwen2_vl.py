@@ -180,7 +180,10 @@ def test_vision_start_position_mode(case, padding_side):
         old = embed_examples(model, p.encode_batch(prompts, images))
     finally:
         p.position_mode = "transformers"
-    new = embed_examples(model, p.encode_batch(prompts, images))
+    examples = p.encode_batch(prompts, images)
+    # What the ahead-of-time check declares for this family (aot.abstract_batch).
+    assert {e.positions.shape[1:] for e in examples} == {qwen2_vl.QwenVLFamily.position_axes}
+    new = embed_examples(model, examples)
     same = np.sum(old * new, axis=-1) > 1 - 1e-6
     assert same.tolist() == [True, False, True, False]  # the modes differ on bare images only
 

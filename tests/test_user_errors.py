@@ -16,7 +16,7 @@ import unime_jax.datasets as uds
 from tests.test_model_parity import photo
 from unime_jax import teacher, train
 from unime_jax.data.sentences import open_sentences
-from unime_jax.errors import DataError
+from unime_jax.errors import DataError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,3 +180,20 @@ def test_non_finite_teacher_rows_are_refused_or_skipped(tmp_path):
     kept = open_sentences(corpus, checksum, tmp_path / "t", bad_rows="skip")
     assert len(kept) == 10
     assert {kept[i]["id"] for i in range(10)}.isdisjoint({"0:sent1", "1:hard_neg"})
+
+
+def test_a_dataset_of_another_kind_is_a_usage_error(tmp_path):
+    """Sentences named where image-text pairs are read (and the reverse) stop before a record
+    is read, naming both kinds; not a KeyError deep in the pipeline."""
+    from tests.test_train import tiny_cfg
+    from unime_jax.stages import datasets
+
+    with pytest.raises(UsageError, match="holds nli_simcse-style records, but mmeb_train-style"):
+        train.run(tiny_cfg(train_data="shapes_world/nli"), str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    pairs = datasets.builder_config(tiny_cfg(), uds.Ref("shapes_world", "pairs"))
+    uds.prepare("shapes_world", config=pairs)
+    with pytest.raises(UsageError, match="holds mmeb_train-style records, but nli_simcse-style"):
+        uds.nli_simcse.recorded("shapes_world", config=pairs)
+    with pytest.raises(UsageError, match="holds mmeb_train-style records"):
+        uds.nli_corpus("shapes_world", config=pairs)

@@ -144,9 +144,14 @@ def model_directory(cfg) -> Path:
 
 
 def _bundle(hf_config: dict) -> Path:
+    """A directory holding only ``config.json``, the form every model reader takes; removed
+    when the process exits."""
+    import atexit
+    import shutil
     import tempfile
 
     directory = Path(tempfile.mkdtemp(prefix="unime_aot_"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
     (directory / "config.json").write_text(json.dumps(hf_config))
     return directory
 
@@ -178,7 +183,8 @@ def abstract_batch(cfg, stage, family, model_cfg, hf_config, mesh) -> dict:
                 f"the {side} length {length}",
                 f"raise --config.{side}_length or lower --config.image_size",
             )
-        text = [spec((rows, length), np.int32) for _ in range(3)]
+        positions = spec((rows, length, *family.position_axes), np.int32)
+        text = [spec((rows, length), np.int32), spec((rows, length), np.int32), positions]
         if image is None:
             batch[side] = ModelInputs(*text)
             continue

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -106,6 +107,7 @@ class Checkpointer:
         """Restores step ``step`` into ``abstract_state`` (ShapeDtypeStructs carrying the target
         shardings) and verifies it; raises :class:`DataError` saying why it is not usable."""
         where = os.path.join(self.directory, str(step))
+        error = None
         try:
             restored = self.manager.restore(
                 step,
@@ -116,7 +118,17 @@ class Checkpointer:
                 ),
             )
         except Exception as e:  # orbax raises many types for missing / damaged files
-            raise DataError(f"checkpoint step {step} ({where}) cannot be read: {_reason(e)}") from e
+            error = DataError(f"checkpoint step {step} ({where}) cannot be read: {_reason(e)}")
+        # Each process reads only its own shards: all must agree before the (collective) digest
+        # check, or a shard damaged on one host would leave the others waiting or on another step.
+        if jax.process_count() > 1:
+            read = multihost_utils.process_allgather(np.int32(error is None))
+            if error is None and not np.all(read):
+                error = DataError(
+                    f"checkpoint step {step} ({where}) cannot be read on another host"
+                )
+        if error is not None:
+            raise error
         state, digest = restored["state"], restored["digest"]
         if not isinstance(digest, dict) or digest.get("leaves") != digest_list(state):
             raise DataError(f"checkpoint step {step} ({where}) does not match its digest")

@@ -50,6 +50,11 @@ def train() -> None:
             "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
         )
     if _COORDINATOR.value:  # e.g. several processes on one machine, or hosts without TPU metadata
+        if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+            raise UsageError(
+                "--coordinator_address needs --num_processes and --process_id",
+                "pass all three on every process (process ids 0 .. num_processes - 1)",
+            )
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value,

@@ -14,9 +14,7 @@ import os
 import time
 
 import jax
-import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from unime_jax import checkpoint, inference, sharding, stages, steps
@@ -164,6 +162,39 @@ def add_lora(cfg, family, module: nnx.Module) -> nnx.Module:
     return module
 
 
+# What shapes or fills the saved train state: resuming under other values would fail every
+# checkpoint's restore or digest check, which must not read as damage.
+STATE_KEYS = ("stage", "model", "lora_rank", "lora_targets", "dtype", "clipping")
+
+
+def _state_keys(cfg) -> dict:
+    model = str(cfg.get("model") or "")
+    keys = {k: cfg.get(k) for k in STATE_KEYS[:4]}
+    keys["model"] = os.path.realpath(os.path.expanduser(model)) if os.path.isdir(model) else model
+    # The trained parameters' dtype: LoRA adapters are float32 whatever the frozen base's is.
+    keys["dtype"] = "float32 adapters" if keys["lora_rank"] else cfg.get("dtype")
+    keys["clipping"] = cfg.get("grad_clip", 0) > 0  # clipping on/off changes the optimizer state
+    return keys
+
+
+def check_resumable(cfg, workdir: str) -> None:
+    """A workdir holding checkpoints resumes only under the train-state keys that wrote them
+    (its ``config.json``); checked before that file is rewritten."""
+    ckpts = os.path.join(workdir, "checkpoints")
+    has_steps = os.path.isdir(ckpts) and any(s.isdigit() for s in os.listdir(ckpts))
+    if not has_steps or not os.path.exists(os.path.join(workdir, "config.json")):
+        return
+    with open(os.path.join(workdir, "config.json")) as f:
+        before = _state_keys(json.load(f))
+    now = _state_keys(cfg)
+    changed = [f"{k}={before[k]!r} (now {now[k]!r})" for k in STATE_KEYS if before[k] != now[k]]
+    if changed:
+        raise UsageError(
+            f"{ckpts} holds checkpoints of a run with " + ", ".join(changed),
+            "resume with the same values, or pass a new --workdir to start another run",
+        )
+
+
 def split_trainable(cfg, module: nnx.Module):
     """(graphdef, trainable, frozen): the adapters are trained, or every parameter without LoRA."""
     return nnx.split(module, nnx.LoRAParam if cfg.lora_rank > 0 else nnx.Param, ...)
@@ -171,11 +202,14 @@ def split_trainable(cfg, module: nnx.Module):
 
 def run(cfg, workdir: str) -> dict:
     """Trains per ``cfg`` in ``workdir`` (resuming if it holds checkpoints); returns results."""
-    os.makedirs(workdir, exist_ok=True)
     stage = stages.get(cfg.stage)
     mesh = sharding.make_mesh(dict(cfg.mesh))
+    # Values first: preparing may build datasets or run a teacher, which a typo must not cost.
+    validate(cfg, mesh, stage, check_files=False)
+    os.makedirs(workdir, exist_ok=True)
     cfg = stage.prepare(cfg, workdir).copy_and_resolve_references()
     validate(cfg, mesh, stage)
+    check_resumable(cfg, workdir)
     cfg.num_chunks = num_chunks(cfg, sharding.data_parallel_size(mesh))
     lead = jax.process_index() == 0  # one host writes metrics and results
 
@@ -292,21 +326,10 @@ def run(cfg, workdir: str) -> dict:
         )
         log.info("merged model written to %s; use it with --config.model=%s", out, out)
     _write_results(results_path, results)
-    digest = {"step": step, "digest": state_digest(state.trainable)}
+    # Exact (a uint32 per leaf, as checkpoints store), the same on any mesh and process count.
+    digest = {"step": step, "digest": checkpoint.digest_list(state.trainable)}
     _write_results(os.path.join(workdir, "final_state_digest.json"), digest)
     return results
-
-
-def state_digest(tree) -> float:
-    """A float fingerprint of a parameter tree (compares resumed and uninterrupted runs); every
-    process of a multi-host run calls it (sharded leaves are gathered)."""
-
-    def host(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            x = multihost_utils.process_allgather(x, tiled=True)
-        return np.asarray(x, np.float64)
-
-    return float(sum(np.sum(np.abs(host(x))) for x in jax.tree.leaves(tree)))
 
 
 def _write_results(path: str, obj) -> None:

@@ -9,12 +9,10 @@ chat template in stage 2). A bad row becomes a skip marker naming the reason (:d
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import grain
-from PIL import Image
 
 from unime_jax.data.pipeline import skip
 from unime_jax.preprocess.example import Example
@@ -79,13 +77,11 @@ class PairTransform(grain.transforms.Map):
         lengths: Mapping[str, int],
         max_units: int,
         image_size: int = 0,
-        image_root: str | os.PathLike | None = None,
     ):
         self.processor = processor
         self.lengths = dict(lengths)
         self.max_units = max_units
         self.image_size = image_size
-        self.image_root = image_root  # for relative image paths in in-memory records
 
     def encode(self, side: str, text: str, image) -> Example:
         """One side → its Example; raises :class:`SkipRow`."""
@@ -96,8 +92,7 @@ class PairTransform(grain.transforms.Map):
             raise SkipRow("placeholder_mismatch", f"{side}: {n} placeholders")
         if image is not None:
             try:
-                root = None if isinstance(image, Image.Image) else self.image_root
-                image = resize_square(load_image(image, root), self.image_size)
+                image = resize_square(load_image(image), self.image_size)
             except FileNotFoundError as e:
                 raise SkipRow("missing_image", str(e)) from e
             except Exception as e:  # anything a broken file makes PIL raise

@@ -259,7 +259,7 @@ def make_batch_iterator(
         )
     n = len(source)
     if n == 0:
-        raise ValueError("the source is empty")
+        raise DataError(f"{source!r} holds no rows to train on", "check the dataset and its config")
     ds = grain.MapDataset.source(source).map_with_index(_AttachIndex(n))
     if shuffle:
         ds = ds.shuffle(seed=seed)

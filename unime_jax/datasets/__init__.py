@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import tensorflow_datasets as tfds
 
@@ -95,6 +97,7 @@ def source(
     *,
     data_dir: str | os.PathLike | None = None,
     config: str | tfds.core.BuilderConfig | None = None,
+    reads: Callable[[dict], Any] | None = None,
 ) -> base.Records:
     """Random access over a prepared split (``len``, ``[i]``; picklable, for
     ``grain.MapDataset.source``), in generation order. Items by feature spec: pairs →
@@ -102,9 +105,11 @@ def source(
     :func:`unime_jax.data.pairs.normalize_record` takes them); sentences → ``(row_id,
     sentence)``; retrieval → ``{"image": bytes, "file_name", "captions"}``; SugarCrepe →
     ``SugarCrepeItem(bytes, caption, negative)``; MMEB-eval rows / images → dicts with image
-    indices / image bytes."""
+    indices / image bytes. ``reads``: the item maker a caller expects (e.g.
+    ``mmeb_train.item`` for pairs); another kind of dataset is then a usage error."""
     builder = base.prepared(name, data_dir=data_dir, config=config)
-    return base.open_split(builder, split, *builder.reader())
+    convert, decoders = builder.reader()
+    return base.open_split(builder, split, reads or convert, decoders)
 
 
 def prepare(

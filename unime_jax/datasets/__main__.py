@@ -28,13 +28,41 @@ def _parse(argv: list[str]):
     return parse([f"{argv[0]} build", *argv[2:]])
 
 
+def _check(args) -> None:
+    """Dataset names and ``--config`` checked against our builders before TFDS runs (TFDS's own
+    errors for these are tracebacks that list every dataset in its catalogue)."""
+    from unime_jax.datasets import BUILDERS
+
+    classes = {b.name: b for b in BUILDERS}
+    names = [*args.positional_datasets, *args.datasets]
+    if not names:
+        raise UsageError(f"no dataset named: {USAGE}", f"NAME is one of {sorted(classes)}")
+    config = args.generation.config
+    for text in names:
+        name, _, named_config = text.partition(":")[0].partition("/")
+        if name not in classes:
+            raise UsageError(f"no dataset builder named {name!r}", f"use one of {sorted(classes)}")
+        for wanted in (named_config, config):
+            custom = wanted and wanted.lstrip().startswith("{")  # TFDS: a JSON custom config
+            if wanted and not custom and wanted not in classes[name].builder_configs:
+                raise UsageError(
+                    f"{name} has no config {wanted!r}",
+                    f"use one of {sorted(classes[name].builder_configs)}",
+                )
+
+
 def _main(args) -> None:
     from absl import logging
 
     import unime_jax.datasets  # noqa: F401  (registers the builders)
 
     logging.set_verbosity(logging.INFO)
-    sys.exit(run_main(args.execute))
+
+    def build() -> None:
+        _check(args)
+        args.execute()
+
+    sys.exit(run_main(build))
 
 
 if __name__ == "__main__":

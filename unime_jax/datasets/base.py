@@ -138,6 +138,17 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             disable_shuffling=True,
         )
 
+    def _download_and_prepare(self, dl_manager, download_config) -> None:
+        try:
+            super()._download_and_prepare(dl_manager, download_config)
+        except AssertionError as e:  # TFDS's check of `dl_manager.manual_dir`, where first read
+            if not str(e).startswith("Manual directory"):
+                raise
+            raise DataError(
+                f"{self.info.full_name}: {str(e).split('. Create it')[0]}",
+                self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip(),
+            ) from None
+
     def manual_path(self, dl_manager, *parts: str, is_dir: bool = False) -> Path:
         """``manual_dir/parts``, which must exist (else the manual download instructions)."""
         path = Path(dl_manager.manual_dir, *parts)
@@ -307,13 +318,28 @@ def readable(path: str) -> bool:
     return True
 
 
+def check_reads(builder: tfds.core.DatasetBuilder, convert: Callable[[dict], Any]) -> None:
+    """A :class:`UsageError` when ``builder`` holds other records than ``convert`` makes items
+    of (sentences named where image-text pairs are read, ...), before any record is read."""
+    own = builder.reader()[0]
+    if own is not convert:
+        kind = convert.__module__.rsplit(".", 1)[-1]
+        raise UsageError(
+            f"{builder.info.full_name} holds {own.__module__.rsplit('.', 1)[-1]}-style records, "
+            f"but {kind}-style records are read here",
+            f"name a dataset of {kind}'s kind (the README's dataset table says which is which)",
+        )
+
+
 def open_split(
     builder: tfds.core.DatasetBuilder,
     split: str,
     convert: Callable[[dict], Any],
     decoders: Mapping[str, Any] | None = None,
 ) -> Records:
-    """``split`` of a prepared builder through ``tfds.data_source``, items made by ``convert``."""
+    """``split`` of a prepared builder through ``tfds.data_source``, items made by ``convert``
+    (which must be the builder's own reader: :func:`check_reads`)."""
+    check_reads(builder, convert)
     if split not in builder.info.splits:
         raise UsageError(
             f"{builder.info.full_name} has no split {split!r}",

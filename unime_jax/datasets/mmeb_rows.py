@@ -137,7 +137,12 @@ def _read_rows(path: Path) -> Iterator[dict[str, Any] | Malformed]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        names = pq.read_schema(path).names
+        try:
+            names = pq.read_schema(path).names
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(
+                f"{path}: not a readable parquet file ({e})", "download it again"
+            ) from None
         missing = [c for c in COLUMNS if c not in names]
         if missing:
             raise DataError(

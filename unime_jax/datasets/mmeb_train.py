@@ -173,15 +173,6 @@ def item(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def source(
-    *, data_dir: str | os.PathLike | None = None, config: str = "all", split: str = "train"
-) -> base.Records:
-    """Random access over the prepared pairs: ``{"qry", "qry_image", "pos_text", "pos_image",
-    "dataset", "row"}`` (images PIL or ``None``), in input order."""
-    builder = base.prepared("mmeb_train", data_dir=data_dir, config=config)
-    return base.open_split(builder, split, item, DECODERS)
-
-
 def report(*, data_dir: str | os.PathLike | None = None, config: str = "all") -> dict[str, Any]:
     """The build's ``conversion_report.json``: counts per reason / dataset, bad row ids, sources."""
     return base.read_json(base.prepared("mmeb_train", data_dir=data_dir, config=config), REPORT)

@@ -119,4 +119,6 @@ def recorded(
     """What the build recorded about a split, without reading its sentences: ``report``
     (read_corpus's, as a dict), ``corpus_sha256`` (what a teacher manifest must match: pass it
     to :func:`unime_jax.teacher.load_teacher_embeddings`) and ``source_sha256`` (the file's)."""
-    return dict(base.prepared(name, data_dir=data_dir, config=config).info.metadata[split])
+    builder = base.prepared(name, data_dir=data_dir, config=config)
+    base.check_reads(builder, item)
+    return dict(builder.info.metadata[split])

@@ -102,12 +102,11 @@ class ShapesWorld(base.Builder):
         if c.view == "pairs":
             return {"train": self._generate_examples(pairs(c))}
         if c.view == "nli":
-            return {
-                "train": self._nli("train", sets.nli_rows(c.seed, c.size)),
-                "heldout": self._nli(
-                    "heldout", sets.nli_rows(c.heldout_seed, c.heldout_size, held_out=True)
-                ),
-            }
+            splits = {"train": self._nli("train", sets.nli_rows(c.seed, c.size))}
+            if c.heldout_size:  # TFDS refuses an empty split (a demo without evaluation)
+                held_out = sets.nli_rows(c.heldout_seed, c.heldout_size, held_out=True)
+                splits["heldout"] = self._nli("heldout", held_out)
+            return splits
         if c.view == "retrieval":
             images, captions, index = sets.retrieval_set(
                 c.heldout_seed, c.heldout_size, image_size=c.image_size

@@ -34,6 +34,7 @@ from unime_jax.errors import (
     UserError,
     bad_flag,
     config_value,
+    run_main,
 )
 from unime_jax.errors import report as error_report
 from unime_jax.eval import report
@@ -328,13 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     except (flags.Error, *FLAG_ERRORS) as e:  # a bad flag or override: message, not traceback
         print(error_report(bad_flag(e, _FIX)), file=sys.stderr)
         return UsageError.exit_code
-    try:
-        return _evaluate(config, workdir.value)
-    except UserError as e:  # as errors.run_main, without its logging.shutdown: main is callable
-        for handler in logging.getLogger().handlers:  # in-process (tests, notebooks)
-            handler.flush()
-        print(error_report(e), file=sys.stderr)
-        return e.exit_code
+    return run_main(lambda: _evaluate(config, workdir.value))
 
 
 def _evaluate(config, workdir: str | None) -> int:

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from unime_jax.errors import DataError
 from unime_jax.eval.metrics import SUGARCREPE_SPLITS
 
 MAX_LISTED = 20  # problems listed in an error message (the rest are counted)
@@ -39,8 +40,8 @@ MAX_LISTED = 20  # problems listed in an error message (the rest are counted)
 # errors and path helpers
 
 
-class DatasetError(ValueError):
-    """An evaluation file that cannot be used as is; the message says where and what to fix."""
+class DatasetError(DataError):
+    """An evaluation file that cannot be used as is: where and what, and what to fix."""
 
 
 class Problems:
@@ -59,9 +60,7 @@ class Problems:
         shown = "\n  ".join(self.items[:MAX_LISTED])
         more = len(self.items) - MAX_LISTED
         tail = f"\n  ... and {more} more" if more > 0 else ""
-        raise DatasetError(
-            f"{self.source}: {len(self.items)} problem(s):\n  {shown}{tail}\nFix: {fix}"
-        )
+        raise DatasetError(f"{self.source}: {len(self.items)} problem(s):\n  {shown}{tail}", fix)
 
 
 class BadEntry(Exception):

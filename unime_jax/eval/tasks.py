@@ -106,12 +106,10 @@ def ensure_prepared(name: str, sec, ref, root: str | None) -> None:
             continue
         except DataError as e:
             if not manual:
-                fix = e.fix
-                if ref.name == "mmeb_eval":  # its build command without --config builds both
-                    fix = fix.replace(f" --config {config}", "")
                 raise DataError(
                     e.what,
-                    f"{fix}; or set --config.{name}.manual_dir=DIR to have the evaluation build it",
+                    f"{e.fix}; or set --config.{name}.manual_dir=DIR to have the evaluation "
+                    "build it",
                 ) from None
         builder_cls = next(b for b in datasets.BUILDERS if b.name == ref.name)
         directory = Path(manual).expanduser()
@@ -124,10 +122,9 @@ def ensure_prepared(name: str, sec, ref, root: str | None) -> None:
         try:
             datasets.prepare(ref.name, data_dir=root, config=config, manual_dir=directory)
         except DatasetError as e:  # the parser's report of the manual dir's files
-            what, _, fix = str(e).partition("\nFix: ")
             raise DataError(
-                f"building {ref.name}{f'/{config}' if config else ''} from {directory}: {what}",
-                fix or "correct the files named above, then run again",
+                f"building {ref.name}{f'/{config}' if config else ''} from {directory}: {e.what}",
+                e.fix or "correct the files named above, then run again",
             ) from None
 
 

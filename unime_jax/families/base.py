@@ -38,7 +38,8 @@ class Family(abc.ABC):
     ``architecture``: the transformers class an export names in ``config.json``;
     ``lora_targets``: LoRA target groups (e.g. ``llm``, ``vision_attention``) → module-path
     regexes over the model built by :meth:`build`; ``model_class``: the NNX model, built from the
-    parsed config (whose ``text_only()`` drops the vision side).
+    parsed config (whose ``text_only()`` drops the vision side); ``position_axes``: the trailing
+    shape of a row's positions beyond (T,) — () for 1-D RoPE, (3,) for M-RoPE.
     """
 
     name: str
@@ -46,6 +47,7 @@ class Family(abc.ABC):
     architecture: str
     lora_targets: Mapping[str, tuple[str, ...]]
     model_class: type[nnx.Module]
+    position_axes: tuple[int, ...] = ()
 
     @abc.abstractmethod
     def parse_config(self, hf: dict[str, Any]) -> Any:
@@ -94,11 +96,12 @@ class Family(abc.ABC):
 
 
 def lm_head_filler(
-    tensors: Mapping[str, LazyTensor], embed_name: str, tied: bool
+    tensors: Mapping[str, LazyTensor], embed_name: str, hf_config: Mapping[str, Any]
 ) -> list[LazyTensor]:
     """Without a base checkpoint: the LM head (never used by an embedding model) as a copy of
-    the input embeddings, unless the config ties them."""
-    if tied:
+    the input embeddings, unless the config ties them (top level, else its ``text_config``)."""
+    text = hf_config.get("text_config") or {}
+    if hf_config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)):
         return []
     embed = tensors[embed_name]
     return [LazyTensor("lm_head.weight", embed.shape, embed.dtype, embed.load)]

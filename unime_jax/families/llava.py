@@ -214,9 +214,7 @@ class LlavaFamily(Family):
     def export_fillers(self, cfg: LlavaConfig, tensors, hf_config) -> list[LazyTensor]:
         """The LM head is a copy of the input embeddings (unless tied); the vision post-layernorm
         and the vision layers after the feature layer are identities (unit norms, zero weights)."""
-        text = hf_config.get("text_config") or {}
-        tied = hf_config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-        out = lm_head_filler(tensors, "language_model.embed_tokens.weight", tied)
+        out = lm_head_filler(tensors, "language_model.embed_tokens.weight", hf_config)
         if cfg.vision is not None:
             used, total = cfg.vision_layers_used, cfg.vision.num_layers
             out += identity_vision_fillers(tensors, "vision_tower.", used, total)

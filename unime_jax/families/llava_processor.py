@@ -165,6 +165,9 @@ class LlavaProcessor(Processor):
         fills the k-th image's tokens, whatever rows hold no image or several."""
         rows = unpad(input_ids, attention_mask)
         if pixel_values is None:
+            for i, ids in enumerate(rows):
+                if np.any(ids == self.image_token_id):  # else its features would be the token's
+                    raise ValueError(f"row {i} has image tokens, but no pixel_values are given")
             return [Example.sequential(r) for r in rows]
         if image_sizes is None:
             raise ValueError("pixel_values given without image_sizes")
@@ -199,6 +202,11 @@ class LlavaProcessor(Processor):
                         "token with the processor for this image size"
                     )
                 at = positions[used : used + n]
+                if at[-1] - at[0] != n - 1:
+                    raise ValueError(
+                        f"row {i}: the {n} image tokens of image {k} are not one unbroken run; "
+                        "expand the image token with the processor"
+                    )
                 units.append(self._unit(pixel_values[k, :n_tiles], sizes[k], multi[k], at))
                 used += n
                 k += 1

@@ -372,8 +372,7 @@ class Phi3VFamily(Family):
     def export_fillers(self, cfg: Phi3VConfig, tensors, hf_config) -> list[LazyTensor]:
         """The LM head as a copy of the input embeddings (unless tied); CLIP's post-layernorm and
         the layers after the feature layer as identities (unit norms, zero weights)."""
-        tied = hf_config.get("tie_word_embeddings", False)
-        out = lm_head_filler(tensors, "model.embed_tokens.weight", tied)
+        out = lm_head_filler(tensors, "model.embed_tokens.weight", hf_config)
         if cfg.vision is not None:
             used, total = cfg.vision_layers_used, cfg.vision.num_layers
             out += identity_vision_fillers(tensors, _CLIP.replace("\\", ""), used, total)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from unime_jax import flops
-from unime_jax.families.base import DECODER_RULES, Family, ImageShapes
+from unime_jax.families.base import DECODER_RULES, Family, ImageShapes, lm_head_filler
 from unime_jax.families.llava import complete_config
 from unime_jax.families.qwen2_vl_processor import (
     POSITION_MODE_KEY,
@@ -90,6 +90,7 @@ def vision_flops(v: QwenVisionConfig, units: int, units_per_image: int) -> float
 
 class QwenVLFamily(Family):
     model_class = QwenVLModel
+    position_axes = (3,)  # M-RoPE: temporal, height, width
     lora_targets: ClassVar[dict[str, tuple[str, ...]]] = {
         # The LLM's attention and MLP projections (UniME stage 1 and 2).
         "llm": (r"^llm/layers/(attn/[qkvo]_proj|mlp/(gate|up|down)_proj)$",),
@@ -189,11 +190,7 @@ class QwenVLFamily(Family):
 
     def export_fillers(self, cfg: QwenVLConfig, tensors, hf_config) -> list[LazyTensor]:
         """The LM head as a copy of the input embeddings (unless tied, as in Qwen2-VL-2B)."""
-        text = hf_config.get("text_config") or {}
-        if hf_config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)):
-            return []
-        embed = tensors["language_model.embed_tokens.weight"]
-        return [LazyTensor("lm_head.weight", embed.shape, embed.dtype, embed.load)]
+        return lm_head_filler(tensors, "language_model.embed_tokens.weight", hf_config)
 
 
 QWEN2_VL = QwenVLFamily("qwen2_vl", "Qwen2VLForConditionalGeneration")

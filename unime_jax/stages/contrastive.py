@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+import unime_jax.datasets as uds
 from unime_jax import losses
 from unime_jax.data import pairs
 from unime_jax.errors import UsageError
@@ -28,7 +29,7 @@ class Contrastive(Stage):
         datasets.prepare(cfg, datasets.ref(cfg, "train_data"))
         if cfg.demo_eval_size > 0:
             for view in ("retrieval", "compositional"):
-                datasets.prepare(cfg, datasets.uds.Ref("shapes_world", view))
+                datasets.prepare(cfg, uds.Ref("shapes_world", view))
         return cfg
 
     def validate(self, cfg, *, check_files: bool = True) -> None:
@@ -49,10 +50,10 @@ class Contrastive(Stage):
             )
         train_data = datasets.ref(cfg, "train_data")
         if check_files:
-            datasets.check_prepared(cfg, train_data, "train")
+            datasets.check_prepared(cfg, train_data, "train", uds.mmeb_train.item)
 
     def source(self, cfg):
-        return datasets.source(cfg, datasets.ref(cfg, "train_data"), "train")
+        return datasets.source(cfg, datasets.ref(cfg, "train_data"), "train", uds.mmeb_train.item)
 
     def lengths(self, cfg) -> dict[str, int]:
         return {"query": cfg.query_length, "target": cfg.target_length}
@@ -96,7 +97,6 @@ class Contrastive(Stage):
     def evaluator(self, cfg):
         if cfg.demo_eval_size <= 0:
             return None
-        import unime_jax.datasets as uds
         from unime_jax.demo import heldout
 
         def view(name: str):

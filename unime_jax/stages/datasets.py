@@ -66,12 +66,14 @@ def prepare(cfg, dataset: uds.Ref) -> None:
     logging.getLogger(__name__).info("%s in %s", builder.info.full_name, builder.data_dir_root)
 
 
-def check_prepared(cfg, dataset: uds.Ref, default_split: str) -> None:
+def check_prepared(cfg, dataset: uds.Ref, default_split: str, reads) -> None:
     """A :class:`~unime_jax.errors.DataError` naming the build command when ``dataset`` is not
-    prepared, or a :class:`~unime_jax.errors.UsageError` for an unknown config or split."""
+    prepared, or a :class:`~unime_jax.errors.UsageError` for an unknown config or split, or a
+    dataset of another kind than ``reads`` (its item maker, e.g. ``mmeb_train.item``) reads."""
     builder = base.prepared(
         dataset.name, data_dir=data_dir(cfg), config=builder_config(cfg, dataset)
     )
+    base.check_reads(builder, reads)
     split = dataset.split or default_split
     if split not in builder.info.splits:
         from unime_jax.errors import UsageError
@@ -82,11 +84,12 @@ def check_prepared(cfg, dataset: uds.Ref, default_split: str) -> None:
         )
 
 
-def source(cfg, dataset: uds.Ref, default_split: str) -> base.Records:
-    """Random access over the split's items (picklable, for grain workers)."""
+def source(cfg, dataset: uds.Ref, default_split: str, reads) -> base.Records:
+    """Random access over the split's items (picklable, for grain workers), as ``reads``."""
     return uds.source(
         dataset.name,
         dataset.split or default_split,
         data_dir=data_dir(cfg),
         config=builder_config(cfg, dataset),
+        reads=reads,
     )

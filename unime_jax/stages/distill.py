@@ -81,7 +81,7 @@ def open_corpus(cfg, key: str) -> SentenceSource:
         dataset.name, data_dir=datasets.data_dir(cfg), config=config, split=split
     )
     return open_sentences(
-        datasets.source(cfg, dataset, "train"),
+        datasets.source(cfg, dataset, "train", uds.nli_simcse.item),
         recorded["corpus_sha256"],
         cfg[CORPORA[key]],
         cfg.teacher_bad_rows,
@@ -171,7 +171,7 @@ class Distillation(Stage):
         if not check_files:
             return
         for key in corpora:
-            datasets.check_prepared(cfg, datasets.ref(cfg, key), "train")
+            datasets.check_prepared(cfg, datasets.ref(cfg, key), "train", uds.nli_simcse.item)
             teacher_dir = cfg[CORPORA[key]]
             if not teacher_dir or not os.path.isdir(teacher_dir):
                 raise UsageError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from unime_jax.errors import ArgumentParser, DataError, run_main
+from unime_jax.errors import ArgumentParser, DataError, UsageError, UserError, run_main
 from unime_jax.teacher.compute import _DTYPES, NonFiniteEmbeddingError, precompute
 from unime_jax.teacher.models import DEFAULT_TEACHER
 
@@ -40,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="discard existing output in --out")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.batch_size <= 0:
+        ap.error(f"--batch-size {args.batch_size} must be > 0")
     return run_main(lambda: _run(args))
 
 
@@ -64,12 +66,21 @@ def _run(args) -> int:
             overwrite=args.overwrite,
             backend=args.backend,
         )
-    except (ValueError, FileNotFoundError, NonFiniteEmbeddingError) as e:
+    except UserError:
+        raise
+    except NonFiniteEmbeddingError as e:
+        raise DataError(str(e), "see invalid_rows.json in --out for the rows and values") from e
+    except FileNotFoundError as e:
         raise DataError(
-            str(e),
-            "for another corpus's output use a new --out or --overwrite; for invalid teacher "
-            "vectors see invalid_rows.json in --out",
+            str(e), f"pass a local encoder directory as --teacher, or {DEFAULT_TEACHER}"
         ) from e
+    except ImportError as e:
+        raise UsageError(
+            f"the teacher needs {e.name or 'a package'} ({e})",
+            "install the dev requirements: pip install -r requirements-dev.txt",
+        ) from e
+    except ValueError as e:  # --out holds another corpus's or teacher's vectors
+        raise DataError(str(e), "use a new --out, or --overwrite to discard it") from e
     dt = time.perf_counter() - t0
     rep = corpus.report
     print(

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from unime_jax.errors import DataError, UsageError
 from unime_jax.files import atomic_write
 
 CSV_COLUMNS = ("sent0", "sent1", "hard_neg")
@@ -99,7 +100,7 @@ def read_corpus(
     if fmt == "auto":
         fmt = "csv" if path.suffix.lower() == ".csv" else "txt"
     if fmt not in ("csv", "txt"):
-        raise ValueError(f"fmt must be 'auto', 'csv' or 'txt', got {fmt!r}")
+        raise UsageError(f"fmt must be 'auto', 'csv' or 'txt', got {fmt!r}", "use one of those")
     text = _decode(path.read_bytes())
 
     out = Corpus()
@@ -118,12 +119,13 @@ def read_corpus(
         reader = csv.reader(io.StringIO(text, newline=""))
         header = next(reader, None)
         if header is None:
-            raise ValueError(f"{path}: empty CSV (no header)")
+            raise DataError(f"{path}: empty CSV (no header)", "pass the SimCSE NLI CSV")
         header = [h.strip() for h in header]
         cols = [c for c in CSV_COLUMNS if c in header]
         if not cols:
-            raise ValueError(
-                f"{path}: CSV header {header} has none of the columns {list(CSV_COLUMNS)}"
+            raise DataError(
+                f"{path}: CSV header {header} has none of the columns {list(CSV_COLUMNS)}",
+                "pass the SimCSE NLI CSV (sent0,sent1,hard_neg) or a .txt file, one sentence a line",
             )
         idx = [header.index(c) for c in cols]
         rows = 0
